@@ -1,0 +1,23 @@
+"""Ray Job entrypoint: `latentpipe train`. Train an autoencoder with Ray Train (DDP workers) on a Ray cluster.
+
+Submit to a cluster (token auth: `ray job submit` reads RAY_AUTH_TOKEN or ~/.ray/auth_token;
+get it with `ray get-auth-token` on the head node, never put it on the command line):
+
+    export RAY_ADDRESS=http://127.0.0.1:8265     # e.g. after kubectl port-forward svc/<head> 8265
+    ray job submit --working-dir . -- python jobs/train.py \
+        configs/train/kl-f4-tiny.yaml data.shards=s3://bucket/shards/train train.storage_path=s3://bucket/runs train.num_workers=4 train.use_gpu=true
+
+Run locally on embedded Ray with the same arguments: `python jobs/train.py ...`.
+The arguments are exactly those of the CLI command; everything happens in the library.
+"""
+
+import sys
+from pathlib import Path
+
+# Run from a source checkout (ray job submit --working-dir .) without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,120 @@
+"""The training loop every worker runs, with or without Ray.
+
+The loop is given a `WorkerContext` that says who it is (rank, world size, device), where
+to resume from, how to wrap the model for data parallelism and how to report a checkpoint.
+`pipeline/train/run.py` builds that context for Ray Train workers and for a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.data.reader import make_loader
+from pipeline.models import build_model
+from pipeline.train.checkpoint import read_state
+from pipeline.train.config import TrainRunConfig, run_dir
+from pipeline.train.step import MetricMeter, make_optimizer, train_step
+
+log = logging.getLogger("latentpipe.train")
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    resume_dir: str | None  # local directory of the checkpoint to continue from, if any
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]  # e.g. DDP; identity in one process
+    all_mean: Callable[[torch.Tensor], torch.Tensor]  # mean across ranks; identity in one process
+    # report(step, metrics, write_fn): every rank calls it at checkpoint steps; write_fn(dir)
+    # fills a local directory with the checkpoint and is used by rank 0 only.
+    report: Callable[[int, dict, Callable[[str], None]], None]
+
+
+def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
+    """Train until cfg.train.steps, logging and checkpointing; returns the last metrics."""
+    from pipeline.train.checkpoint import write_checkpoint
+
+    model = build_model(cfg.model).to(ctx.device)
+    optimizer = make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    step = _restore(ctx.resume_dir, model, optimizer)
+    if step >= cfg.train.steps:
+        if ctx.rank == 0:
+            log.info("run already at step %d of %d: nothing to do", step, cfg.train.steps)
+        return {"step": step}
+    # Reseeding from (seed, rank, step) makes a resumed run as reproducible as a fresh one.
+    torch.manual_seed(cfg.train.seed * 1_000_003 + ctx.rank * 7919 + step)
+    wrapped = ctx.wrap(model)
+    batches = iter(make_loader(cfg.data, ctx.rank, ctx.world_size, repeat=True, epoch=step))
+    metrics_log = MetricsLog(run_dir(cfg.train)) if ctx.rank == 0 else None
+    meter, started, last = MetricMeter(), time.perf_counter(), {"step": step}
+    while step < cfg.train.steps:
+        batch = next(batches).to(ctx.device, non_blocking=True)
+        meter.add(train_step(wrapped, batch, optimizer, cfg.loss, cfg.train.grad_clip), len(batch))
+        step += 1
+        at_end = step == cfg.train.steps
+        if step % cfg.train.log_every == 0 or at_end:
+            last = _interval_metrics(meter, step, started, ctx)
+            if metrics_log is not None:
+                metrics_log.write(last)
+            meter, started = MetricMeter(), time.perf_counter()
+        if step % cfg.train.checkpoint_every == 0 or at_end:
+            ctx.report(
+                step, last, lambda d, s=step: write_checkpoint(d, model, optimizer, s, cfg)
+            )
+    return last
+
+
+def _restore(resume_dir: str | None, model, optimizer) -> int:
+    if resume_dir is None:
+        return 0
+    state = read_state(resume_dir)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resumed from %s at step %d", resume_dir, state["step"])
+    return int(state["step"])
+
+
+def _interval_metrics(meter: MetricMeter, step: int, started: float, ctx: WorkerContext) -> dict:
+    """Averages over the interval and all ranks: one small all-reduce per log line."""
+    means = meter.means(reduce=ctx.all_mean)
+    seconds = time.perf_counter() - started
+    record = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
+    record["images_per_s"] = round(meter.images * ctx.world_size / max(seconds, 1e-9), 2)
+    if ctx.rank == 0:
+        log.info(
+            "step %d  loss %.4f  recon %.4f  kl %.1f  %.1f img/s",
+            step, means["loss"], means["recon"], means["kl"], record["images_per_s"],
+        )
+    return record
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory: appended locally, rewritten on object stores."""
+
+    def __init__(self, directory: str):
+        self.fs, root = fsspec.core.url_to_fs(directory)
+        self.fs.makedirs(root, exist_ok=True)
+        self.path = f"{root}/metrics.jsonl"
+        self.append = isinstance(self.fs, LocalFileSystem)
+        self.lines: list[str] = []
+        if not self.append and self.fs.exists(self.path):
+            self.lines = self.fs.cat_file(self.path).decode().splitlines()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record)
+        if self.append:
+            with self.fs.open(self.path, "a") as f:
+                f.write(line + "\n")
+            return
+        self.lines.append(line)
+        with self.fs.open(self.path, "w") as f:
+            f.write("\n".join(self.lines) + "\n")
