@@ -100,10 +100,10 @@ def test_resolved_config_round_trip(tmp_path, directory):
 
 
 def _schema_for(path: Path):
+    from pipeline.data.shards import ShardsConfig
     from pipeline.demo import DemoConfig
     from pipeline.encode.job import EncodeConfig
     from pipeline.export import ExportConfig
-    from pipeline.data.shards import ShardsConfig
     from pipeline.train.config import TrainRunConfig
 
     return {

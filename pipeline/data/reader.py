@@ -1,0 +1,229 @@
+"""Read image shards for training and evaluation.
+
+`ShardImageDataset` splits the shard list across (rank, dataloader worker) slots so that no two
+slots ever see the same sample and, together, they see all of them:
+
+* at least as many shards as slots: each slot reads ``urls[slot::n_slots]`` (the shard order is
+  reshuffled identically on every slot each epoch);
+* fewer shards than slots: every slot reads every shard and keeps the samples whose running
+  index ``% n_slots == slot``.
+
+Samples are shuffled in a bounded buffer, then decoded and preprocessed to float32 [3, R, R]
+tensors in [-1, 1]. Bad images and truncated shards are logged, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import count
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.images import (
+    BadImageError,
+    decode_image,
+    find_image_field,
+    normalize,
+    resize_center_crop,
+)
+from pipeline.data.tario import TarSample, TruncatedShardError, iter_tar_samples
+from pipeline.data.urls import expand_shard_urls
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Training data: shard specs (see `expand_shard_urls`) and loader settings."""
+
+    shards: str = MISSING
+    val_shards: str = ""
+    resolution: int = 64
+    batch_size: int = 16
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    seed: int = 0
+
+
+def _slot() -> tuple[int, int]:
+    """(worker id, number of dataloader workers) of the calling process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle a stream with a bounded buffer (buffer_size <= 1 keeps the order)."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        pick = int(rng.integers(buffer_size))
+        yield buffer[pick]
+        buffer[pick] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def preprocess(data: bytes, resolution: int) -> torch.Tensor:
+    """Image bytes -> float32 tensor [3, R, R] in [-1, 1] (raises BadImageError)."""
+    return torch.from_numpy(normalize(resize_center_crop(decode_image(data), resolution)))
+
+
+class ShardImageDataset(IterableDataset):
+    """Iterable over preprocessed images of WebDataset shards (see module docstring).
+
+    `skipped` / `truncated_shards` count bad samples and damaged shards seen by this copy of the
+    dataset (each dataloader worker process has its own copy; every event is also logged).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        resolution: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        epoch: int = 0,
+        repeat: bool = False,
+    ):
+        super().__init__()
+        if not urls:
+            raise ValueError("ShardImageDataset needs at least one shard URL")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.urls = list(urls)
+        self.resolution = resolution
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = epoch
+        self.repeat = repeat
+        self.skipped = 0
+        self.truncated_shards = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of the next pass (for repeat=False training loops)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        worker_id, num_workers = _slot()
+        slot, n_slots = self.rank * num_workers + worker_id, self.world_size * num_workers
+        epochs = count(self.epoch) if self.repeat else [self.epoch]
+        for epoch in epochs:
+            produced = 0
+            for tensor in self._iter_epoch(epoch, slot, n_slots):
+                produced += 1
+                yield tensor
+            if self.repeat and produced == 0:
+                raise RuntimeError(
+                    f"data slot {slot}/{n_slots} got no usable images from {len(self.urls)} "
+                    "shard(s); add data or use fewer ranks/workers"
+                )
+
+    def _iter_epoch(self, epoch: int, slot: int, n_slots: int) -> Iterator[torch.Tensor]:
+        # Same permutation on every slot (seeded by seed+epoch only), so slices never overlap.
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        urls = [self.urls[i] for i in order]
+        if len(urls) >= n_slots:
+            samples = self._iter_samples(urls[slot::n_slots])
+        else:
+            samples = (s for i, s in enumerate(self._iter_samples(urls)) if i % n_slots == slot)
+        rng = np.random.default_rng([self.seed, epoch, slot])
+        for sample in shuffled(samples, self.shuffle_buffer, rng):
+            tensor = self._decode(sample)
+            if tensor is not None:
+                yield tensor
+
+    def _iter_samples(self, urls: list[str]) -> Iterator[TarSample]:
+        for url in urls:
+            try:
+                yield from iter_tar_samples(url)
+            except TruncatedShardError as err:
+                self.truncated_shards += 1
+                log.warning("%s; continuing with the next shard", err)
+
+    def _decode(self, sample: TarSample) -> torch.Tensor | None:
+        field = find_image_field(sample.files)
+        if field is None:
+            reason = f"no image field (has {sorted(sample.files)})"
+        else:
+            try:
+                return preprocess(sample.files[field], self.resolution)
+            except BadImageError as err:
+                reason = str(err)
+        self.skipped += 1
+        log.warning("skipping sample %r: %s", sample.key, reason)
+        return None
+
+
+def make_loader(
+    cfg: DataConfig, rank: int = 0, world_size: int = 1, repeat: bool = True, epoch: int = 0
+) -> DataLoader:
+    """DataLoader over `cfg.shards` for one rank (drop_last, no persistent workers)."""
+    dataset = ShardImageDataset(
+        expand_shard_urls(cfg.shards),
+        cfg.resolution,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        epoch=epoch,
+        repeat=repeat,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+        drop_last=True,
+    )
+
+
+def iter_val_images(
+    urls: list[str] | str, resolution: int, limit: int | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, uint8 HWC [R, R, 3]) for up to `limit` good images, in shard order.
+
+    `urls` may also be a spec string for `expand_shard_urls`. Bad images and truncated shards
+    are logged and skipped.
+    """
+    if isinstance(urls, str):
+        urls = expand_shard_urls(urls)
+    produced = 0
+    for url in urls:
+        if limit is not None and produced >= limit:
+            return
+        try:
+            for sample in iter_tar_samples(url):
+                image = _val_image(sample, resolution)
+                if image is None:
+                    continue
+                yield sample.key, image
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+        except TruncatedShardError as err:
+            log.warning("%s; continuing with the next shard", err)
+
+
+def _val_image(sample: TarSample, resolution: int) -> np.ndarray | None:
+    field = find_image_field(sample.files)
+    if field is None:
+        log.warning("skipping sample %r: no image field", sample.key)
+        return None
+    try:
+        return resize_center_crop(decode_image(sample.files[field]), resolution)
+    except BadImageError as err:
+        log.warning("skipping sample %r: %s", sample.key, err)
+        return None

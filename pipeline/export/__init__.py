@@ -1,0 +1,32 @@
+"""Export a trained autoencoder's encoder to ONNX with a parity check and a JSON sidecar."""
+
+from pipeline.export.job import ExportConfig, export_from_checkpoint, export_model
+from pipeline.export.onnx_export import EncoderForExport, export_encoder_onnx
+from pipeline.export.parity import ParityError, check_parity, compare_outputs
+from pipeline.export.sidecar import (
+    SidecarError,
+    build_sidecar,
+    file_sha256,
+    load_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
+from pipeline.export.stats import estimate_latent_stats
+
+__all__ = [
+    "EncoderForExport",
+    "ExportConfig",
+    "ParityError",
+    "SidecarError",
+    "build_sidecar",
+    "check_parity",
+    "compare_outputs",
+    "estimate_latent_stats",
+    "export_encoder_onnx",
+    "export_from_checkpoint",
+    "export_model",
+    "file_sha256",
+    "load_sidecar",
+    "sidecar_path",
+    "write_sidecar",
+]

@@ -1,0 +1,155 @@
+"""Checkpoint -> ``encoder.onnx`` + ``encoder.json``: export, parity check, latent stats, sidecar."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from pipeline.export.onnx_export import export_encoder_onnx
+from pipeline.export.parity import check_parity
+from pipeline.export.sidecar import build_sidecar, file_sha256, write_sidecar
+from pipeline.export.stats import estimate_latent_stats_counted
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "encoder.onnx"
+SIDECAR_NAME = "encoder.json"
+
+
+@dataclass
+class ExportConfig:
+    """``scale_shards`` defaults to the checkpoint's data.val_shards, then data.shards."""
+
+    checkpoint: str = MISSING
+    output: str = MISSING
+    opset: int = 17
+    atol: float = 1e-4
+    parity_batch: int = 4
+    scale_shards: str = ""
+    scale_samples: int = 256
+    device: str = "cpu"
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _latent_stats(model: nn.Module, spec: str, resolution: int, limit: int) -> dict[str, Any]:
+    if limit <= 0 or not spec:
+        # Identity scaling keeps the sidecar valid; say so loudly since diffusion training cares.
+        log.warning("latent statistics skipped (no shards or scale_samples<=0): scaling_factor=1")
+        return {"mean": 0.0, "std": 1.0, "samples": 0, "source": spec}
+    from pipeline.data.urls import expand_shard_urls  # lazy: data layer written separately
+
+    mean, std, n = estimate_latent_stats_counted(model, expand_shard_urls(spec), resolution, limit)
+    return {"mean": mean, "std": std, "samples": n, "source": spec}
+
+
+def export_model(
+    model: nn.Module,
+    output: str,
+    resolution: int,
+    *,
+    opset: int = 17,
+    atol: float = 1e-4,
+    parity_batch: int = 4,
+    scale_shards: str = "",
+    scale_samples: int = 0,
+    checkpoint: dict[str, Any] | None = None,
+    stats_device: str = "cpu",
+) -> dict[str, Any]:
+    """Export ``model``'s encoder to ``{output}/encoder.onnx`` + sidecar; return the sidecar.
+
+    ``output`` may be a local dir or an fsspec URL. Files are built in a temporary directory and
+    only copied to ``output`` once parity passed, so a failed export leaves nothing behind.
+    Export and parity run on CPU (the reference ORT provider); ``stats_device`` only hosts the
+    latent-statistics pass. ``scale_samples`` <= 0 skips statistics (scaling_factor 1).
+    """
+    model = model.eval()
+    with tempfile.TemporaryDirectory(prefix="latentpipe-export-") as tmp:
+        onnx_path = os.path.join(tmp, ONNX_NAME)
+        export_encoder_onnx(model.to("cpu"), resolution, onnx_path, opset)
+        diff = check_parity(onnx_path, model, resolution, parity_batch, atol)
+        stats = _latent_stats(model.to(stats_device), scale_shards, resolution, scale_samples)
+        model.to("cpu")
+        sidecar = build_sidecar(
+            onnx_file=ONNX_NAME,
+            onnx_sha256=file_sha256(onnx_path),
+            opset=opset,
+            model_kind=str(getattr(getattr(model, "config", None), "kind", "kl")),
+            resolution=resolution,
+            downsample_factor=int(model.downsample_factor),
+            latent_channels=int(model.latent_channels),
+            latent_stats=stats,
+            parity={"max_abs_diff": diff, "atol": atol, "batch": parity_batch},
+            checkpoint=checkpoint or {"path": None, "step": None},
+        )
+        sidecar_local = write_sidecar(os.path.join(tmp, SIDECAR_NAME), sidecar)
+        _publish(onnx_path, sidecar_local, output)
+    log.info("encoder exported to %s", output)
+    return sidecar
+
+
+def _publish(onnx_path: str, sidecar_path: str, output: str) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    # ONNX first: a reader that finds the sidecar can rely on the model being complete.
+    fs.put_file(onnx_path, f"{root.rstrip('/')}/{ONNX_NAME}")
+    fs.put_file(sidecar_path, f"{root.rstrip('/')}/{SIDECAR_NAME}")
+
+
+def _checkpoint_step(ckpt_dir: str) -> int | None:
+    """Training step recorded in ``<ckpt_dir>/state.pt`` (None if it cannot be read)."""
+    path = f"{ckpt_dir.rstrip('/')}/state.pt"
+    try:
+        if _is_local(path):
+            # mmap: only the small "step" entry is touched, not the weights/optimizer state.
+            local = path.removeprefix("file://")
+            state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with fsspec.open(path, "rb") as fh:
+                state = torch.load(fh, map_location="cpu", weights_only=True)
+        return int(state["step"])
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+        log.warning("could not read training step from %s: %s", path, exc)
+        return None
+
+
+def _validate(cfg: ExportConfig) -> None:
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"export.device must be 'cpu' or 'cuda', got {cfg.device!r}")
+    if cfg.atol < 0 or cfg.parity_batch < 1:
+        raise ValueError("export.atol must be >= 0 and export.parity_batch >= 1")
+
+
+def export_from_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
+    """Load a training checkpoint and export its encoder; returns the sidecar dict."""
+    from pipeline.train.checkpoint import load_model  # lazy: export must not require train deps
+
+    _validate(cfg)
+    model, run_cfg = load_model(cfg.checkpoint)
+    resolution = int(run_cfg.data.resolution)
+    spec = cfg.scale_shards or str(run_cfg.data.val_shards or "") or str(run_cfg.data.shards)
+    step = getattr(run_cfg, "step", None)
+    if step is None:
+        step = _checkpoint_step(cfg.checkpoint)
+    return export_model(
+        model,
+        cfg.output,
+        resolution,
+        opset=cfg.opset,
+        atol=cfg.atol,
+        parity_batch=cfg.parity_batch,
+        scale_shards=spec,
+        scale_samples=cfg.scale_samples,
+        checkpoint={"path": cfg.checkpoint, "step": step},
+        stats_device=cfg.device,
+    )

@@ -1,0 +1,153 @@
+"""The ``encoder.json`` sidecar: everything a consumer needs to feed and interpret the ONNX encoder.
+
+The sidecar lives beside the ONNX file with the same stem and pins the ONNX bytes by sha256, so a
+swapped or partially copied model is detected before any latents are produced with it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import posixpath
+from typing import Any
+
+import fsspec
+
+SIDECAR_FORMAT = "latentpipe.encoder"
+SIDECAR_VERSION = 1
+RESIZE_MODE = "shorter_side_bicubic_center_crop"
+
+
+class SidecarError(ValueError):
+    """The sidecar is missing, malformed or does not match its ONNX file."""
+
+
+def sidecar_path(onnx_path: str) -> str:
+    """``.../encoder.onnx`` -> ``.../encoder.json`` (works for local paths and URLs)."""
+    root, ext = posixpath.splitext(onnx_path)
+    return (root if ext.lower() == ".onnx" else onnx_path) + ".json"
+
+
+def file_sha256(url: str) -> str:
+    """Hex sha256 of a local file or fsspec URL, streamed."""
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latentpipe_version() -> str:
+    try:
+        return importlib.metadata.version("latentpipe")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _latent_shape(latent_channels: int, resolution: int, factor: int) -> list[int]:
+    return [latent_channels, resolution // factor, resolution // factor]
+
+
+def build_sidecar(
+    *,
+    onnx_file: str,
+    onnx_sha256: str,
+    opset: int,
+    model_kind: str,
+    resolution: int,
+    downsample_factor: int,
+    latent_channels: int,
+    latent_stats: dict[str, Any],
+    parity: dict[str, Any],
+    checkpoint: dict[str, Any],
+) -> dict[str, Any]:
+    """Assemble the sidecar dict (schema version 1); ``latent_stats`` has mean, std, samples, source."""
+    shape = _latent_shape(latent_channels, resolution, downsample_factor)
+    std = float(latent_stats["std"])
+    return {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "model_kind": model_kind,
+        "onnx_file": onnx_file,
+        "onnx_sha256": onnx_sha256,
+        "opset": opset,
+        "input": {
+            "name": "image",
+            "shape": [None, 3, resolution, resolution],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "color": "RGB",
+            "resolution": resolution,
+            "resize": RESIZE_MODE,
+            "normalization": {"scale": 127.5, "offset": -1.0, "range": [-1.0, 1.0]},
+        },
+        "outputs": {"mean": [None, *shape], "logvar": [None, *shape]},
+        "downsample_factor": downsample_factor,
+        "latent_channels": latent_channels,
+        "latent_shape": shape,
+        "scaling_factor": 1.0 / std if std > 0 else 1.0,
+        "shift_factor": float(latent_stats["mean"]),
+        "latent_stats": dict(latent_stats),
+        "parity": dict(parity),
+        "checkpoint": dict(checkpoint),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "latentpipe_version": latentpipe_version(),
+    }
+
+
+def write_sidecar(path: str, sidecar: dict[str, Any]) -> str:
+    """Write ``sidecar`` as JSON to ``path`` (a ``.json`` path, or the ``.onnx`` it describes).
+
+    Returns the path written. Accepts local paths and fsspec URLs.
+    """
+    target = sidecar_path(path) if path.lower().endswith(".onnx") else path
+    with fsspec.open(target, "w") as fh:
+        json.dump(sidecar, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return target
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(path, "r") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise SidecarError(
+            f"encoder sidecar not found: {path} (export writes it beside the .onnx)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise SidecarError(f"encoder sidecar {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SidecarError(f"encoder sidecar {path} must hold a JSON object")
+    return data
+
+
+def load_sidecar(onnx_path: str, verify_hash: bool = True) -> dict[str, Any]:
+    """Read and validate the sidecar beside ``onnx_path``; checks format and the ONNX sha256."""
+    path = sidecar_path(onnx_path)
+    data = _read_json(path)
+    if data.get("format") != SIDECAR_FORMAT:
+        raise SidecarError(
+            f"{path}: 'format' is {data.get('format')!r}, expected {SIDECAR_FORMAT!r}"
+        )
+    if data.get("format_version") != SIDECAR_VERSION:
+        raise SidecarError(
+            f"{path}: unsupported 'format_version' {data.get('format_version')!r} "
+            f"(this latentpipe reads version {SIDECAR_VERSION})"
+        )
+    for key in ("onnx_sha256", "input", "latent_shape", "scaling_factor", "shift_factor"):
+        if key not in data:
+            raise SidecarError(f"{path}: missing required key {key!r}")
+    if verify_hash:
+        try:
+            actual = file_sha256(onnx_path)
+        except FileNotFoundError:
+            raise SidecarError(f"ONNX file not found: {onnx_path} (sidecar {path})") from None
+        if actual != data["onnx_sha256"]:
+            raise SidecarError(
+                f"sha256 of {onnx_path} is {actual} but sidecar {path} records "
+                f"{data['onnx_sha256']}: the model file was changed or replaced"
+            )
+    return data

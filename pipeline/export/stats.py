@@ -1,0 +1,72 @@
+"""Estimate the latent scale/shift (SD-style ``scaling_factor``/``shift_factor``) from real images."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BATCH = 16
+
+
+def _batches(images: Iterable[np.ndarray], size: int) -> Iterable[torch.Tensor]:
+    from pipeline.data.images import normalize  # lazy: keeps export importable without data deps
+
+    buf: list[np.ndarray] = []
+    for arr in images:
+        buf.append(normalize(arr))
+        if len(buf) == size:
+            yield torch.from_numpy(np.stack(buf))
+            buf = []
+    if buf:
+        yield torch.from_numpy(np.stack(buf))
+
+
+def latent_moments(model: nn.Module, images: Iterable[np.ndarray]) -> tuple[float, float, int]:
+    """(mean, std, n_images) over every element of the posterior means of uint8 HWC ``images``."""
+    device = next(model.parameters()).device
+    total = total_sq = 0.0
+    count = n_images = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in _batches(images, BATCH):
+            mean = model.encode(batch.to(device)).mean.double()
+            # float64 sums: SD-sized latents over thousands of images lose precision in float32.
+            total += float(mean.sum())
+            total_sq += float(mean.pow(2).sum())
+            count += mean.numel()
+            n_images += batch.shape[0]
+    if n_images == 0:
+        return 0.0, 1.0, 0
+    mu = total / count
+    var = max(total_sq / count - mu * mu, 0.0)
+    return mu, float(np.sqrt(var)), n_images
+
+
+def estimate_latent_stats(
+    model: nn.Module, urls: list[str], resolution: int, limit: int
+) -> tuple[float, float]:
+    """Scalar mean and std of posterior means over up to ``limit`` images from shard ``urls``."""
+    mean, std, _ = estimate_latent_stats_counted(model, urls, resolution, limit)
+    return mean, std
+
+
+def estimate_latent_stats_counted(
+    model: nn.Module, urls: list[str], resolution: int, limit: int
+) -> tuple[float, float, int]:
+    """Like :func:`estimate_latent_stats` but also returns the number of images used."""
+    from pipeline.data.reader import iter_val_images  # lazy: data layer is optional for export
+
+    images = (arr for _key, arr in iter_val_images(urls, resolution, limit))
+    mean, std, n = latent_moments(model, images)
+    if n == 0:
+        raise ValueError(f"no decodable images found for latent statistics in {urls}")
+    if std <= 0.0:
+        raise ValueError(f"posterior means have zero variance over {n} images from {urls}")
+    log.info("latent stats over %d images: mean %.4f std %.4f", n, mean, std)
+    return mean, std, n

@@ -1,0 +1,38 @@
+"""Autoencoder training objective: pixel reconstruction loss plus weighted KL to N(0, I)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.kl import DiagonalGaussian
+
+RECON_LOSSES = ("l1", "mse")
+
+
+@dataclass
+class LossConfig:
+    """``recon``: "l1" or "mse"; ``kl_weight`` scales the per-sample KL sum."""
+
+    recon: str = "l1"
+    kl_weight: float = 1e-6
+
+
+def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean per-element reconstruction error."""
+    if kind == "l1":
+        return F.l1_loss(recon, x)
+    if kind == "mse":
+        return F.mse_loss(recon, x)
+    raise ValueError(f"loss.recon must be one of {list(RECON_LOSSES)}, got {kind!r}")
+
+
+def autoencoder_loss(
+    x: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """Return {"loss", "recon", "kl"}; kl is the batch mean of per-sample KL sums."""
+    rec = reconstruction_loss(x, recon, cfg.recon)
+    kl = posterior.kl().mean()
+    return {"loss": rec + cfg.kl_weight * kl, "recon": rec, "kl": kl}

@@ -1,0 +1,222 @@
+"""Tests for pipeline.export and pipeline.encode.session on a tiny untrained autoencoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from pipeline.encode.session import gpu_visible, make_session, providers_for
+from pipeline.export import (
+    ParityError,
+    SidecarError,
+    check_parity,
+    compare_outputs,
+    export_encoder_onnx,
+    export_model,
+    load_sidecar,
+    write_sidecar,
+)
+from pipeline.models import ModelConfig, build_model
+
+RES = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, groups=4)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc")
+    sidecar = export_model(model, str(out), RES, parity_batch=2)
+    return out, sidecar
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_parity_dynamic_batch(model, exported, batch):
+    onnx_path = str(exported[0] / "encoder.onnx")
+    diff = check_parity(onnx_path, model, RES, batch=batch, atol=1e-4, seed=batch)
+    assert 0.0 <= diff <= 1e-4
+    sess = make_session(onnx_path, device="cpu")
+    mean, logvar = sess.run(None, {"image": np.zeros((batch, 3, RES, RES), np.float32)})
+    assert mean.shape == logvar.shape == (batch, 4, RES // 4, RES // 4)
+    assert [o.name for o in sess.get_outputs()] == ["mean", "logvar"]
+    assert sess.get_outputs()[0].shape == ["batch", 4, 4, 4]
+
+
+def test_sidecar_contents(exported):
+    out, sidecar = exported
+    loaded = load_sidecar(str(out / "encoder.onnx"))
+    assert loaded == json.loads(json.dumps(sidecar))
+    assert loaded["format"] == "latentpipe.encoder" and loaded["format_version"] == 1
+    assert loaded["input"]["shape"] == [None, 3, RES, RES]
+    assert loaded["latent_shape"] == [4, 4, 4]
+    assert loaded["outputs"]["mean"] == [None, 4, 4, 4]
+    assert loaded["downsample_factor"] == 4 and loaded["model_kind"] == "kl"
+    assert loaded["parity"]["batch"] == 2
+    assert loaded["scaling_factor"] == 1.0 and loaded["latent_stats"]["samples"] == 0
+
+
+def test_sidecar_tamper_detected(exported, tmp_path):
+    out, sidecar = exported
+    onnx_path = tmp_path / "encoder.onnx"
+    onnx_path.write_bytes((out / "encoder.onnx").read_bytes())
+    with pytest.raises(SidecarError, match="not found"):
+        load_sidecar(str(onnx_path))
+    write_sidecar(str(onnx_path), sidecar)  # an .onnx path writes the .json beside it
+    assert load_sidecar(str(onnx_path))["onnx_sha256"] == sidecar["onnx_sha256"]
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
+    with pytest.raises(SidecarError, match="sha256"):
+        load_sidecar(str(onnx_path))
+    write_sidecar(str(tmp_path / "encoder.json"), {**sidecar, "format": "other"})
+    with pytest.raises(SidecarError, match="format"):
+        load_sidecar(str(onnx_path))
+
+
+def test_export_to_fsspec_url(model):
+    url = "memory://export-test/enc"
+    sidecar = export_model(model, url, RES, parity_batch=1)
+    assert load_sidecar(f"{url}/encoder.onnx")["onnx_sha256"] == sidecar["onnx_sha256"]
+    fs = fsspec.filesystem("memory")
+    fs.rm("/export-test", recursive=True)
+
+
+def test_parity_error(model, tmp_path):
+    ref = {"mean": np.zeros((1, 2), np.float32)}
+    assert compare_outputs(ref, {"mean": np.full((1, 2), 1e-5, np.float32)}, atol=1e-4) > 0
+    with pytest.raises(ParityError, match="exceeds atol") as err:
+        compare_outputs(ref, {"mean": np.full((1, 2), 0.5, np.float32)}, atol=1e-4)
+    assert err.value.max_abs_diff == pytest.approx(0.5)
+    with pytest.raises(ParityError):
+        compare_outputs(ref, {"mean": np.full((1, 2), np.nan, np.float32)}, atol=1.0)
+    # A model that drifted from the exported graph must fail the check.
+    path = str(tmp_path / "e.onnx")
+    export_encoder_onnx(model, RES, path)
+    drifted = build_model(model.config).eval()
+    drifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        drifted.quant_conv.bias.add_(0.1)
+    with pytest.raises(ParityError):
+        check_parity(path, drifted, RES, batch=1, atol=1e-4)
+
+
+def test_export_rejects_bad_resolution(model, tmp_path):
+    with pytest.raises(ValueError, match="multiple of the downsample factor 4"):
+        export_encoder_onnx(model, 18, str(tmp_path / "x.onnx"))
+
+
+def test_session_providers_cpu_box(exported, monkeypatch):
+    if gpu_visible():
+        pytest.skip("GPU visible: CPU-only expectations do not apply")
+    assert providers_for("auto") == ["CPUExecutionProvider"]
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="device='cuda'"):
+        providers_for("cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        providers_for("tpu")
+    onnx_path = str(exported[0] / "encoder.onnx")
+    assert make_session(onnx_path, threads=1).get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="device='cuda'"):
+        make_session(onnx_path, device="cuda")
+    with pytest.raises(FileNotFoundError):
+        make_session(str(exported[0] / "missing.onnx"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert gpu_visible() is False
+
+
+def test_session_is_quiet(exported):
+    """Creating an "auto" session on a GPU-less box must not print CUDA errors."""
+    code = (
+        "import sys; from pipeline.encode.session import make_session;"
+        "s = make_session(sys.argv[1]); print(s.get_providers())"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(exported[0] / "encoder.onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    if not gpu_visible():
+        assert "CUDA" not in proc.stderr and "cuda" not in proc.stderr.lower(), proc.stderr
+
+
+def test_latent_moments_from_images(model):
+    pytest.importorskip("pipeline.data.images")
+    from pipeline.export.stats import latent_moments
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(5)]
+    mean, std, n = latent_moments(model, images)
+    assert n == 5 and std > 0 and np.isfinite(mean)
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([im.transpose(2, 0, 1) for im in images])).float()
+        ref = model.encode(x / 127.5 - 1.0).mean.double()
+    assert mean == pytest.approx(ref.mean().item(), abs=1e-5)
+    assert std == pytest.approx(ref.std(unbiased=False).item(), rel=1e-4)
+
+
+def _png(rng: np.random.Generator, size: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_export_from_checkpoint(model, tmp_path):
+    """Full path: checkpoint dir -> encoder.onnx + encoder.json with stats from val shards."""
+    ckpt = pytest.importorskip("pipeline.train.checkpoint")
+    pytest.importorskip("pipeline.data.reader")
+    from pipeline.data.tario import TarShardWriter
+    from pipeline.export import ExportConfig, export_from_checkpoint
+    from pipeline.train.config import TrainRunConfig
+
+    rng = np.random.default_rng(0)
+    shard_dir = str(tmp_path / "val")
+    with TarShardWriter(shard_dir, prefix="val", max_samples=3) as writer:
+        for i in range(5):
+            writer.write(f"img{i}", {"png": _png(rng, 24)})
+    run_cfg = TrainRunConfig()
+    run_cfg.model = model.config
+    run_cfg.data.shards = shard_dir
+    run_cfg.data.resolution = RES
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    opt = torch.optim.Adam(model.parameters())
+    ckpt.write_checkpoint(str(ckpt_dir), model, opt, 7, run_cfg)
+
+    out = tmp_path / "export"
+    cfg = ExportConfig(checkpoint=str(ckpt_dir), output=str(out), parity_batch=2, scale_samples=4)
+    sidecar = export_from_checkpoint(cfg)
+    assert sorted(os.listdir(out)) == ["encoder.json", "encoder.onnx"]
+    assert load_sidecar(str(out / "encoder.onnx")) == json.loads(json.dumps(sidecar))
+    assert sidecar["checkpoint"] == {"path": str(ckpt_dir), "step": 7}
+    stats = sidecar["latent_stats"]
+    assert stats["samples"] == 4 and stats["source"] == shard_dir
+    assert sidecar["scaling_factor"] == pytest.approx(1.0 / stats["std"])
+    assert sidecar["shift_factor"] == pytest.approx(stats["mean"])
+
+
+def test_export_config_is_structured():
+    from omegaconf import OmegaConf
+
+    from pipeline.export import ExportConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(ExportConfig), {"checkpoint": "c", "output": "o"})
+    assert OmegaConf.to_object(cfg).opset == 17
