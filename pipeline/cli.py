@@ -75,10 +75,18 @@ def _commands() -> dict[str, Command]:
         return run_demo
 
     return {
-        "shards": Command("image folder (or source=sample) -> WebDataset tar shards", shards_schema, shards_run),
+        "shards": Command(
+            "image folder (or source=sample) -> WebDataset tar shards", shards_schema, shards_run
+        ),
         "train": Command("train an autoencoder with Ray Train (DDP)", train_schema, train_run),
-        "export": Command("checkpoint -> encoder.onnx + encoder.json, parity-checked", export_schema, export_run),
-        "encode": Command("image shards -> latent shards + manifest (Ray Data + ONNX Runtime)", encode_schema, encode_run),
+        "export": Command(
+            "checkpoint -> encoder.onnx + encoder.json, parity-checked", export_schema, export_run
+        ),
+        "encode": Command(
+            "image shards -> latent shards + manifest (Ray Data + ONNX Runtime)",
+            encode_schema,
+            encode_run,
+        ),
         "demo": Command("the whole pipeline end to end on embedded Ray", demo_schema, demo_run),
     }
 

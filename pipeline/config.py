@@ -120,7 +120,9 @@ def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, extra)
     except (ConfigKeyError, ConfigAttributeError) as err:
-        raise ConfigError(f"{source}: unknown key '{_full_key(err)}'{_suggest(base, err)}") from None
+        raise ConfigError(
+            f"{source}: unknown key '{_full_key(err)}'{_suggest(base, err)}"
+        ) from None
     except ValidationError as err:
         raise ConfigError(f"{source}: key '{_full_key(err)}': {_validation_reason(err)}") from None
     except MissingMandatoryValue as err:

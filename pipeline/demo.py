@@ -57,10 +57,10 @@ class DemoConfig:
             val_shards="${workdir}/shards/val",
             resolution=64,
             batch_size=16,
-            num_workers=1,
+            num_workers=0,  # decode inline: on 2 cores both are busy with the DDP workers
         )
     )
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(ch=16, ch_mult=[1, 2, 2]))
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
@@ -73,9 +73,7 @@ class DemoConfig:
         )
     )
     export: ExportConfig = field(
-        default_factory=lambda: ExportConfig(
-            checkpoint=FILLED_BY_DEMO, output="${workdir}/export"
-        )
+        default_factory=lambda: ExportConfig(checkpoint=FILLED_BY_DEMO, output="${workdir}/export")
     )
     encode: EncodeConfig = field(
         default_factory=lambda: EncodeConfig(
@@ -130,8 +128,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("demo done in %.0f s: PSNR %.2f dB -> %s", summary["wall_time_s"],
-             summary["psnr_db"], workdir / "summary.json")
+    log.info(
+        "demo done in %.0f s: PSNR %.2f dB -> %s",
+        summary["wall_time_s"],
+        summary["psnr_db"],
+        workdir / "summary.json",
+    )
     return summary
 
 

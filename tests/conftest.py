@@ -67,7 +67,9 @@ def sample_corpus(tmp_path_factory) -> dict:
     from pipeline.data.shards import ShardsConfig, build_shards
 
     out = tmp_path_factory.mktemp("corpus")
-    cfg = ShardsConfig(source="sample", output=str(out), samples_per_shard=48, tile_size=48, tile_stride=48)
+    cfg = ShardsConfig(
+        source="sample", output=str(out), samples_per_shard=48, tile_size=48, tile_stride=48
+    )
     return build_shards(cfg)
 
 

@@ -12,6 +12,7 @@ typo fails fast with a message naming what is missing.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 
 import braceexpand
@@ -152,3 +153,18 @@ def _list_names(dir_url: str) -> set[str]:
     except FileNotFoundError:
         return set()
     return {posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] != "directory"}
+
+
+def absolute_spec(spec: str) -> str:
+    """Make the local relative paths in a spec absolute; URLs with a scheme pass through.
+
+    Ray workers do not share the driver's working directory, so every path that crosses to a
+    worker must be absolute. Comma lists and brace patterns keep their shape.
+    """
+    if not spec:
+        return spec
+    parts = []
+    for part in _split_top_level(spec):
+        local = "://" not in part
+        parts.append(os.path.abspath(os.path.expanduser(part)) if local else part)
+    return ",".join(parts)

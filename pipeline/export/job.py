@@ -13,6 +13,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from pipeline.config import save_resolved_config
 from pipeline.export.onnx_export import export_encoder_onnx
 from pipeline.export.parity import check_parity
 from pipeline.export.sidecar import build_sidecar, file_sha256, write_sidecar
@@ -138,10 +139,7 @@ def export_from_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     model, run_cfg = load_model(cfg.checkpoint)
     resolution = int(run_cfg.data.resolution)
     spec = cfg.scale_shards or str(run_cfg.data.val_shards or "") or str(run_cfg.data.shards)
-    step = getattr(run_cfg, "step", None)
-    if step is None:
-        step = _checkpoint_step(cfg.checkpoint)
-    return export_model(
+    sidecar = export_model(
         model,
         cfg.output,
         resolution,
@@ -150,6 +148,8 @@ def export_from_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
         parity_batch=cfg.parity_batch,
         scale_shards=spec,
         scale_samples=cfg.scale_samples,
-        checkpoint={"path": cfg.checkpoint, "step": step},
+        checkpoint={"path": cfg.checkpoint, "step": _checkpoint_step(cfg.checkpoint)},
         stats_device=cfg.device,
     )
+    save_resolved_config(cfg, cfg.output, "export-config.yaml")
+    return sidecar

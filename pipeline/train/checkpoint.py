@@ -13,8 +13,8 @@ import os
 import tempfile
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import load_yaml_as, save_resolved_config
 from pipeline.models import build_model

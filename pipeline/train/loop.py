@@ -67,9 +67,7 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
                 metrics_log.write(last)
             meter, started = MetricMeter(), time.perf_counter()
         if step % cfg.train.checkpoint_every == 0 or at_end:
-            ctx.report(
-                step, last, lambda d, s=step: write_checkpoint(d, model, optimizer, s, cfg)
-            )
+            ctx.report(step, last, lambda d, s=step: write_checkpoint(d, model, optimizer, s, cfg))
     return last
 
 
@@ -92,7 +90,11 @@ def _interval_metrics(meter: MetricMeter, step: int, started: float, ctx: Worker
     if ctx.rank == 0:
         log.info(
             "step %d  loss %.4f  recon %.4f  kl %.1f  %.1f img/s",
-            step, means["loss"], means["recon"], means["kl"], record["images_per_s"],
+            step,
+            means["loss"],
+            means["recon"],
+            means["kl"],
+            record["images_per_s"],
         )
     return record
 

@@ -7,6 +7,7 @@ Both paths run `pipeline.train.loop.run_loop`; this module only builds the worke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.config import save_resolved_config, to_dict
+from pipeline.data.urls import absolute_spec, expand_shard_urls
 from pipeline.train.config import TrainRunConfig, run_dir
 from pipeline.train.loop import WorkerContext, run_loop
 
@@ -24,7 +26,9 @@ log = logging.getLogger("latentpipe.train")
 
 def train(cfg: TrainRunConfig) -> dict:
     """Train (or resume) the run `cfg.train.run_name`; returns its run dir, checkpoint, metrics."""
+    cfg = _with_absolute_paths(cfg)
     _check_storage(cfg)
+    expand_shard_urls(cfg.data.shards)  # fail here, with a clear message, not in every worker
     directory = run_dir(cfg.train)
     save_resolved_config(cfg, directory)
     if cfg.train.num_workers == 0:
@@ -34,6 +38,17 @@ def train(cfg: TrainRunConfig) -> dict:
         metrics, checkpoint = _fit_with_ray(cfg)
     log.info("training done: checkpoint %s", checkpoint)
     return {"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics}
+
+
+def _with_absolute_paths(cfg: TrainRunConfig) -> TrainRunConfig:
+    """Ray workers run in another working directory: pass them absolute local paths."""
+    data = dataclasses.replace(
+        cfg.data,
+        shards=absolute_spec(cfg.data.shards),
+        val_shards=absolute_spec(cfg.data.val_shards),
+    )
+    train = dataclasses.replace(cfg.train, storage_path=absolute_spec(cfg.train.storage_path))
+    return dataclasses.replace(cfg, data=data, train=train)
 
 
 def _check_storage(cfg: TrainRunConfig) -> None:
@@ -64,7 +79,7 @@ def _fit_with_ray(cfg: TrainRunConfig) -> tuple[dict, str | None]:
         ),
         run_config=RunConfig(
             name=cfg.train.run_name,
-            storage_path=_ray_storage_path(cfg.train.storage_path),
+            storage_path=cfg.train.storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -84,7 +99,7 @@ def _ray_worker(loop_config: dict) -> None:
     cfg = _from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
     resume = ray.train.get_checkpoint()
-    with (resume.as_directory() if resume else contextlib.nullcontext()) as resume_dir:
+    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
         worker = WorkerContext(
             rank=ctx.get_world_rank(),
             world_size=ctx.get_world_size(),
@@ -115,11 +130,6 @@ def _all_mean(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t
-
-
-def _ray_storage_path(storage_path: str) -> str:
-    """Ray wants absolute local paths; URLs (s3://, gs://) pass through."""
-    return storage_path if "://" in storage_path else os.path.abspath(storage_path)
 
 
 def _checkpoint_url(storage_path: str, path: str) -> str:

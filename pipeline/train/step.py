@@ -32,7 +32,9 @@ def train_step(
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay
+    )
 
 
 class MetricMeter:

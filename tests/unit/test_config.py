@@ -48,7 +48,9 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
 
 
 def test_unknown_key_in_override_names_override():
-    with pytest.raises(ConfigError, match=r"override 'inner\.colour=red': unknown key 'inner\.colour'"):
+    with pytest.raises(
+        ConfigError, match=r"override 'inner\.colour=red': unknown key 'inner\.colour'"
+    ):
         load_config(Root, None, ["inner.name=x", "inner.colour=red"])
 
 

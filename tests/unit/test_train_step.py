@@ -50,10 +50,17 @@ def test_single_process_run_without_ray_resumes(tiny_shards, tmp_path):
 
     storage = "memory://single-process-runs"
     overrides = [
-        f"data.shards={tiny_shards}", "data.resolution=32", "data.batch_size=4",
-        "data.num_workers=0", "model.ch=8", "model.groups=4",
-        f"train.storage_path={storage}", "train.run_name=solo", "train.num_workers=0",
-        "train.log_every=2", "train.checkpoint_every=2",
+        f"data.shards={tiny_shards}",
+        "data.resolution=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "model.ch=8",
+        "model.groups=4",
+        f"train.storage_path={storage}",
+        "train.run_name=solo",
+        "train.num_workers=0",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
     ]
     first = train(load_config(TrainRunConfig, None, [*overrides, "train.steps=4"]))
     assert read_state(first["checkpoint"])["step"] == 4

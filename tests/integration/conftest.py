@@ -1,0 +1,44 @@
+"""Fixtures for integration tests: one embedded Ray for the whole session and a tiny encoder."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Embedded Ray on 2 CPUs, quiet (no dashboard, no progress bars), shut down at the end."""
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if ray.is_initialized():  # another fixture or the code under test got there first
+        yield ray
+        return
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    """Export an untrained f2, 4-channel KL autoencoder at 16 px; returns the encoder.onnx path."""
+    import torch
+
+    from pipeline.export import export_model
+    from pipeline.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(ch=8, ch_mult=[1, 2], z_channels=4, groups=4))
+    out = tmp_path_factory.mktemp("encoder")
+    export_model(model, str(out), resolution=16, scale_samples=0)
+    return str(out / "encoder.onnx")

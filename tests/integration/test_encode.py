@@ -1,0 +1,235 @@
+"""End-to-end encode on embedded Ray: image shards (with bad samples) -> latent shards + manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.images import decode_image, normalize, resize_center_crop
+from pipeline.data.tario import TarShardWriter, write_index
+from pipeline.encode import EncodeConfig, encode_corpus, iter_latents, load_manifest, read_rejects
+from pipeline.encode.session import make_session
+
+RNG = np.random.default_rng(0)
+
+
+def _image_bytes(fmt: str, size=(24, 20)) -> bytes:
+    arr = RNG.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _sample(i: int, fmt: str = "PNG") -> dict[str, bytes]:
+    ext = "png" if fmt == "PNG" else "jpg"
+    return {
+        ext: _image_bytes(fmt),
+        "json": json.dumps({"i": i}).encode(),
+        "txt": f"caption {i}".encode(),
+        "cls": str(i % 3).encode(),
+    }
+
+
+def _write_raw_tar(path: str, members: list[tuple[str, bytes]]) -> None:
+    """Write a tar by hand so it can hold what TarShardWriter refuses (unsafe keys)."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _truncate_inside(path: str, member_name: str) -> None:
+    with tarfile.open(path) as tf:
+        offset = tf.getmember(member_name).offset_data
+    with open(path, "r+b") as f:
+        f.truncate(offset + 10)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """Four input shards + index.json, with one of each failure the encoder must survive."""
+    root = str(tmp_path_factory.mktemp("images"))
+    samples: dict[str, dict[str, bytes]] = {}
+    with TarShardWriter(root, prefix="shard", max_samples=5) as writer:
+        for i in range(10):
+            key = f"s{i // 5}_{i % 5}"
+            files = _sample(i, "PNG" if i % 2 else "JPEG")
+            if key == "s0_2":
+                files["png" if "png" in files else "jpg"] = b"\x89PNG\r\n\x1a\n not an image"
+            if key == "s1_3":
+                files = {"json": files["json"]}  # no image at all
+            writer.write(key, files)
+            samples[key] = files
+    infos = writer.close()
+    raw = os.path.join(root, "shard-000002.tar")
+    good = _sample(20)
+    _write_raw_tar(
+        raw,
+        [("bad key.png", _image_bytes("PNG")), ("s0_1.png", _image_bytes("PNG"))]
+        + [(f"good_2.{ext}", data) for ext, data in good.items()],
+    )
+    samples["good_2"] = good
+    with TarShardWriter(root, prefix="trunc", max_samples=10) as writer:
+        for i in range(4):
+            samples[f"t_{i}"] = _sample(30 + i)
+            writer.write(f"t_{i}", samples[f"t_{i}"])
+    trunc_info = writer.close()[0]
+    trunc = os.path.join(root, "shard-000003.tar")
+    os.rename(os.path.join(root, trunc_info.name), trunc)
+    _truncate_inside(trunc, "t_2.png")
+    infos += [
+        type(trunc_info)("shard-000002.tar", 3, os.path.getsize(raw)),
+        type(trunc_info)("shard-000003.tar", 4, trunc_info.bytes),
+    ]
+    write_index(root, infos)
+    return {
+        "dir": root,
+        "samples": samples,
+        "good": {"s0_0", "s0_1", "s0_3", "s0_4", "s1_0", "s1_1", "s1_2", "s1_4", "good_2"}
+        | {"t_0", "t_1"},
+        "rejected": {"s0_2": "bad image", "s1_3": "no image", "bad key": "unsafe key"}
+        | {"t_2": "truncated"},
+    }
+
+
+@pytest.fixture(scope="module")
+def encoded(ray_local, corpus, tiny_encoder, tmp_path_factory) -> dict:
+    out = str(tmp_path_factory.mktemp("latents"))
+    cfg = EncodeConfig(
+        input=corpus["dir"],
+        output=out,
+        encoder=tiny_encoder,
+        batch_size=4,
+        samples_per_shard=4,
+    )
+    manifest = encode_corpus(cfg)
+    return {"dir": out, "manifest": manifest, "cfg": cfg}
+
+
+def test_every_key_exactly_once(corpus, encoded):
+    keys = [k for k, _, _ in iter_latents(encoded["dir"])]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == corpus["good"]
+    rejects = read_rejects(encoded["dir"])
+    by_key: dict[str, list[str]] = {}
+    for r in rejects:
+        by_key.setdefault(r["key"], []).append(r["reason"])
+    for key, fragment in corpus["rejected"].items():
+        assert len(by_key[key]) == 1 and fragment in by_key[key][0], (key, by_key.get(key))
+    # The second "s0_1" (shard 2) is refused as a duplicate; the first one was written.
+    assert len(by_key["s0_1"]) == 1 and "duplicate" in by_key["s0_1"][0]
+    dup = next(r for r in rejects if r["key"] == "s0_1")
+    assert dup["shard"].endswith("shard-000002.tar")
+    assert len(rejects) == len(corpus["rejected"]) + 1
+
+
+def test_manifest_counts_and_stats(encoded):
+    manifest = load_manifest(encoded["dir"])
+    assert manifest == json.loads(json.dumps(encoded["manifest"]))
+    assert manifest["samples"] == 11 == sum(s["samples"] for s in manifest["shards"])
+    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 3]
+    assert manifest["rejects"] == 5
+    assert manifest["latent"] == {
+        "field": "latent.npy",
+        "shape": [4, 8, 8],
+        "dtype": "float16",
+        "kind": "posterior_mean",
+    }
+    latents = np.stack([lat.astype(np.float64) for _, lat, _ in iter_latents(encoded["dir"])])
+    assert latents.dtype == np.float64 and latents.shape == (11, 4, 8, 8)
+    # Statistics come from the float32 means; stored latents are float16, hence the tolerance.
+    np.testing.assert_allclose(manifest["channel_mean"], latents.mean(axis=(0, 2, 3)), atol=1e-2)
+    np.testing.assert_allclose(manifest["channel_std"], latents.std(axis=(0, 2, 3)), rtol=1e-2)
+    assert manifest["scaling_factor"] == pytest.approx(1 / latents.std(), rel=1e-2)
+    assert manifest["shift_factor"] == pytest.approx(latents.mean(), abs=1e-2)
+    with open(os.path.join(encoded["dir"], "index.json")) as f:
+        index = json.load(f)
+    assert index["samples"] == 11
+    leftovers = [n for n in os.listdir(encoded["dir"]) if n.startswith(".")]
+    assert leftovers == []
+
+
+def test_latents_match_direct_onnx_and_extras_kept(corpus, encoded, tiny_encoder):
+    session = make_session(tiny_encoder, "cpu")
+    for key, latent, extras in iter_latents(encoded["dir"]):
+        files = corpus["samples"][key]
+        image_ext = "png" if "png" in files else "jpg"
+        assert extras == {k: v for k, v in files.items() if k != image_ext}
+        x = normalize(resize_center_crop(decode_image(files[image_ext]), 16))[None]
+        (mean,) = session.run(["mean"], {"image": x})
+        assert latent.dtype == np.float16
+        np.testing.assert_allclose(latent, mean[0], atol=2e-3, rtol=2e-3)
+
+
+def test_read_back_with_webdataset(encoded):
+    import webdataset as wds
+
+    urls = [os.path.join(encoded["dir"], s["name"]) for s in encoded["manifest"]["shards"]]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    rows = list(ds)
+    assert len(rows) == 11
+    for row in rows:
+        assert row["latent.npy"].shape == (4, 8, 8) and row["latent.npy"].dtype == np.float16
+        assert isinstance(row["json"], dict) and "i" in row["json"]
+
+
+def test_read_back_with_ray_data(ray_local, encoded):
+    import ray
+
+    urls = [os.path.join(encoded["dir"], s["name"]) for s in encoded["manifest"]["shards"]]
+    rows = ray.data.read_webdataset(urls).take_all()
+    assert sorted(r["__key__"] for r in rows) == sorted(
+        k for k, _, _ in iter_latents(encoded["dir"])
+    )
+    assert all(np.asarray(r["latent.npy"]).shape == (4, 8, 8) for r in rows)
+
+
+def test_refuses_finished_output(encoded):
+    with pytest.raises(FileExistsError, match="manifest.json"):
+        encode_corpus(encoded["cfg"])
+
+
+def test_float32_to_memory_fs_matches(ray_local, corpus, encoded, tiny_encoder):
+    """Second run: fsspec output, float32, one big shard, explicit shard list -> same latents."""
+    shards = ",".join(os.path.join(corpus["dir"], f"shard-{i:06d}.tar") for i in range(4))
+    cfg = EncodeConfig(
+        input=shards,
+        output="memory://latents-f32",
+        encoder=tiny_encoder,
+        batch_size=3,
+        dtype="float32",
+        samples_per_shard=100,
+        threads_per_actor=1,
+    )
+    manifest = encode_corpus(cfg)
+    assert manifest["samples"] == 11 and manifest["rejects"] == 5
+    assert len(manifest["shards"]) == 1
+    first = {k: lat for k, lat, _ in iter_latents(encoded["dir"])}
+    for key, latent, _ in iter_latents("memory://latents-f32"):
+        assert latent.dtype == np.float32
+        np.testing.assert_allclose(latent, first[key].astype(np.float32), atol=2e-3)
+    assert manifest["channel_mean"] == pytest.approx(encoded["manifest"]["channel_mean"], abs=1e-6)
+    rejects = [r["key"] for r in read_rejects("memory://latents-f32")]
+    assert sorted(rejects, key=str) == sorted(["s0_2", "s1_3", "bad key", "s0_1", "t_2"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"num_actors": 2}, "num_actors"), ({"device": "cuda"}, "GPU")],
+)
+def test_unschedulable_config_fails_fast(
+    ray_local, corpus, tiny_encoder, tmp_path, overrides, message
+):
+    """Actors that leave no CPU for decoding (or need absent GPUs) raise instead of hanging."""
+    out = tmp_path / "out"
+    cfg = EncodeConfig(input=corpus["dir"], output=str(out), encoder=tiny_encoder, **overrides)
+    with pytest.raises(ValueError, match=message):
+        encode_corpus(cfg)
+    assert not (out / "manifest.json").exists()
