@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import save_resolved_config
+from pipeline.data.images import denormalize
 from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
@@ -127,6 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "onnx_parity_max_abs_diff": sidecar["parity"]["max_abs_diff"],
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
+    summary = {k: _absolute(v) for k, v in summary.items()}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(
         "demo done in %.0f s: PSNR %.2f dB -> %s",
@@ -135,6 +138,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         workdir / "summary.json",
     )
     return summary
+
+
+def _absolute(value):
+    """Paths in the summary are absolute so it can be read from anywhere."""
+    if isinstance(value, dict):
+        return {k: _absolute(v) for k, v in value.items()}
+    if isinstance(value, str) and "://" not in value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def _prepare_workdir(workdir: Path) -> Path:
@@ -164,7 +176,7 @@ def reconstruction_report(
             continue  # a training tile: PSNR is reported on held-out photos only
         with torch.no_grad():
             decoded = model.decode(torch.from_numpy(latent.astype(np.float32))[None])[0]
-        recon = _to_uint8(decoded)
+        recon = denormalize(decoded.numpy())
         scores.append(psnr(originals[key], recon))
         if len(pairs) < cfg.report_images:
             pairs.append((originals[key], recon))
@@ -187,10 +199,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 images, in dB."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def _to_uint8(chw: torch.Tensor) -> np.ndarray:
-    return ((chw.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 def save_grid(pairs: list[tuple[np.ndarray, np.ndarray]], path: Path) -> None:

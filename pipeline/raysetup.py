@@ -1,8 +1,9 @@
 """Start or join Ray the same way for every command.
 
 Inside `ray job submit` (or with RAY_ADDRESS set) we join that cluster; on a laptop we
-start embedded Ray. The dashboard, when started, binds to localhost only: exposing it is a
-deliberate cluster-level decision (see deploy/), never a side effect of running a job.
+start embedded Ray. Its dashboard binds to 127.0.0.1 only: exposing it is a deliberate
+cluster-level decision (see deploy/), never a side effect of running a job. With Ray >= 2.59
+token authentication is on for local clusters and ray.init handles the token itself.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Quiet, plain progress on embedded runs; a cluster's job logs keep Ray's defaults.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)
         return
     log.info("starting embedded Ray (num_cpus=%s)", num_cpus or "all")
-    ray.init(
+    context = ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,  # also serves the state API Ray Train polls
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
-        configure_logging=True,
     )
+    log.info("Ray dashboard (localhost only): http://%s", context.dashboard_url)

@@ -204,7 +204,8 @@ def test_export_from_checkpoint(model, tmp_path):
     out = tmp_path / "export"
     cfg = ExportConfig(checkpoint=str(ckpt_dir), output=str(out), parity_batch=2, scale_samples=4)
     sidecar = export_from_checkpoint(cfg)
-    assert sorted(os.listdir(out)) == ["encoder.json", "encoder.onnx"]
+    assert sorted(os.listdir(out)) == ["encoder.json", "encoder.onnx", "export-config.yaml"]
+    assert "parity_batch: 2" in (out / "export-config.yaml").read_text()
     assert load_sidecar(str(out / "encoder.onnx")) == json.loads(json.dumps(sidecar))
     assert sidecar["checkpoint"] == {"path": str(ckpt_dir), "step": 7}
     stats = sidecar["latent_stats"]
