@@ -77,3 +77,13 @@ def sample_corpus(tmp_path_factory) -> dict:
 def tiny_shards(sample_corpus) -> str:
     """Directory of training shards (with index.json) from `sample_corpus`."""
     return sample_corpus["train"]
+
+
+# Overrides that make `latentpipe train` tiny and fast on CPU (32 px, an 8-channel f4 model).
+TINY_TRAIN = [
+    "data.resolution=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "model.ch=8",
+    "model.groups=4",
+]

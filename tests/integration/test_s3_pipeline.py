@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests.conftest import TINY_TRAIN
+
 pytestmark = pytest.mark.slow
 
 
@@ -34,11 +36,7 @@ def test_train_export_encode_on_s3(s3_server, sample_corpus):
     _cli(
         "train",
         f"data.shards={shards}",
-        "data.resolution=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "model.ch=8",
-        "model.groups=4",
+        *TINY_TRAIN,
         f"train.storage_path=s3://{bucket}/runs",
         "train.run_name=s3run",
         "train.steps=4",

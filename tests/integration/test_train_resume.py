@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train.checkpoint import read_state
+from tests.conftest import TINY_TRAIN
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +24,7 @@ def _train_cmd(shards: str, storage: Path, steps: int) -> list[str]:
         "pipeline.cli",
         "train",
         f"data.shards={shards}",
-        "data.resolution=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "model.ch=8",
-        "model.groups=4",
+        *TINY_TRAIN,
         f"train.storage_path={storage}",
         "train.run_name=killme",
         f"train.steps={steps}",

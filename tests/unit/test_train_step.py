@@ -10,6 +10,7 @@ from pipeline.models.losses import LossConfig
 from pipeline.train.checkpoint import load_model, read_state
 from pipeline.train.run import latest_local_checkpoint, train
 from pipeline.train.step import MetricMeter, make_optimizer, train_step
+from tests.conftest import TINY_TRAIN
 
 TINY = ModelConfig(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, groups=4)
 
@@ -51,11 +52,7 @@ def test_single_process_run_without_ray_resumes(tiny_shards, tmp_path):
     storage = "memory://single-process-runs"
     overrides = [
         f"data.shards={tiny_shards}",
-        "data.resolution=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "model.ch=8",
-        "model.groups=4",
+        *TINY_TRAIN,
         f"train.storage_path={storage}",
         "train.run_name=solo",
         "train.num_workers=0",
