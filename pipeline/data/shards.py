@@ -22,6 +22,7 @@ from fsspec.core import url_to_fs
 from omegaconf import MISSING
 from PIL import Image
 
+from pipeline.config import save_resolved_config
 from pipeline.data.images import IMAGE_EXTENSIONS, BadImageError, decode_image
 from pipeline.data.keys import KeyAllocator
 from pipeline.data.tario import TarShardWriter, write_index
@@ -69,9 +70,10 @@ def build_shards(cfg: ShardsConfig) -> dict:
     """Write shards + index.json for `cfg.source` into `cfg.output`; return a summary dict."""
     if cfg.samples_per_shard < 1 or cfg.bytes_per_shard < 1:
         raise ValueError("samples_per_shard and bytes_per_shard must be >= 1")
-    if cfg.source == SAMPLE_SOURCE:
-        return build_sample_corpus(cfg)
-    return build_folder_shards(cfg)
+    build = build_sample_corpus if cfg.source == SAMPLE_SOURCE else build_folder_shards
+    summary = build(cfg)
+    save_resolved_config(cfg, cfg.output, "shards-config.yaml")
+    return summary
 
 
 def _writer(cfg: ShardsConfig, output: str) -> TarShardWriter:

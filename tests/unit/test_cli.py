@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pipeline.cli import main
 
@@ -41,3 +42,26 @@ def test_console_script_bad_key_exits_before_ray(tmp_path):
     assert "unknown key 'trian'" in proc.stderr
     assert "Ray" not in proc.stderr and not any(tmp_path.iterdir())
     assert time.perf_counter() - started < 60
+
+
+def test_job_entrypoints_are_the_cli(tmp_path):
+    """jobs/*.py run from any working directory (as `ray job submit` does) and speak the CLI."""
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    for name in ("train", "export", "encode"):
+        proc = subprocess.run(
+            [sys.executable, str(jobs / f"{name}.py"), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"latentpipe {name}:" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, str(jobs / "encode.py"), "input=a", "output=b", "encoder=c", "colour=red"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "unknown key 'colour'" in bad.stderr
