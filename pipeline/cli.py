@@ -64,6 +64,16 @@ def _commands() -> dict[str, Command]:
 
         return encode_corpus
 
+    def import_schema():
+        from pipeline.importers.diffusers import ImportConfig
+
+        return ImportConfig
+
+    def import_run():
+        from pipeline.importers.diffusers import import_diffusers
+
+        return import_diffusers
+
     def demo_schema():
         from pipeline.demo import DemoConfig
 
@@ -86,6 +96,9 @@ def _commands() -> dict[str, Command]:
             "image shards -> latent shards + manifest (Ray Data + ONNX Runtime)",
             encode_schema,
             encode_run,
+        ),
+        "import": Command(
+            "diffusers AutoencoderKL directory -> latentpipe checkpoint", import_schema, import_run
         ),
         "demo": Command("the whole pipeline end to end on embedded Ray", demo_schema, demo_run),
     }

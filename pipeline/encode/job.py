@@ -184,9 +184,21 @@ def _load_encoder(cfg: EncodeConfig) -> dict[str, Any]:
     return sidecar
 
 
+def manifest_scale(stats: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, float]:
+    """scaling/shift factor for the manifest: the corpus's own, unless the encoder was exported
+    with published factors (an imported model), which its diffusion model was trained with."""
+    if sidecar.get("scaling_source") == "checkpoint":
+        return {k: float(sidecar[k]) for k in ("scaling_factor", "shift_factor")}
+    std = stats["std"]
+    # Fall back to the sidecar's estimate when nothing was encoded (or std is degenerate).
+    return {
+        "scaling_factor": 1.0 / std if std and math.isfinite(std) else sidecar["scaling_factor"],
+        "shift_factor": stats["mean"] if stats["mean"] is not None else sidecar["shift_factor"],
+    }
+
+
 def _manifest(cfg, sidecar, shards, sink, wall: float) -> dict[str, Any]:
     stats = sink.stats.summary()
-    std = stats["std"]
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -197,9 +209,9 @@ def _manifest(cfg, sidecar, shards, sink, wall: float) -> dict[str, Any]:
             "dtype": cfg.dtype,
             "kind": "posterior_mean",
         },
-        # Fall back to the sidecar's estimate when nothing was encoded (or std is degenerate).
-        "scaling_factor": 1.0 / std if std and math.isfinite(std) else sidecar["scaling_factor"],
-        "shift_factor": stats["mean"] if stats["mean"] is not None else sidecar["shift_factor"],
+        **manifest_scale(stats, sidecar),
+        "measured_std": stats["std"],
+        "measured_mean": stats["mean"],
         "channel_mean": stats["channel_mean"],
         "channel_std": stats["channel_std"],
         "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in shards],

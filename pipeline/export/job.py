@@ -43,10 +43,20 @@ def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def _declared_scale(model: nn.Module) -> dict[str, float] | None:
+    """The scaling/shift factor the weights were published with (imports), if any."""
+    cfg = getattr(model, "config", None)
+    scaling = float(getattr(cfg, "scaling_factor", 0.0) or 0.0)
+    if scaling <= 0:
+        return None
+    return {"scaling_factor": scaling, "shift_factor": float(getattr(cfg, "shift_factor", 0.0))}
+
+
 def _latent_stats(model: nn.Module, spec: str, resolution: int, limit: int) -> dict[str, Any]:
     if limit <= 0 or not spec:
-        # Identity scaling keeps the sidecar valid; say so loudly since diffusion training cares.
-        log.warning("latent statistics skipped (no shards or scale_samples<=0): scaling_factor=1")
+        if _declared_scale(model) is None:
+            # Identity scaling keeps the sidecar valid; say so loudly: diffusion training cares.
+            log.warning("latent statistics skipped (no shards or scale_samples<=0): scaling=1")
         return {"mean": 0.0, "std": 1.0, "samples": 0, "source": spec}
     from pipeline.data.urls import expand_shard_urls  # lazy: data layer written separately
 
@@ -72,7 +82,9 @@ def export_model(
     ``output`` may be a local dir or an fsspec URL. Files are built in a temporary directory and
     only copied to ``output`` once parity passed, so a failed export leaves nothing behind.
     Export and parity run on CPU (the reference ORT provider); ``stats_device`` only hosts the
-    latent-statistics pass. ``scale_samples`` <= 0 skips statistics (scaling_factor 1).
+    latent-statistics pass. ``scale_samples`` <= 0 skips statistics (scaling_factor 1). A model
+    whose config carries a published ``scaling_factor`` (> 0, set by imports) keeps it and its
+    ``shift_factor`` in the sidecar; measured statistics are then recorded for reference only.
     """
     model = model.eval()
     with tempfile.TemporaryDirectory(prefix="latentpipe-export-") as tmp:
@@ -90,6 +102,7 @@ def export_model(
             downsample_factor=int(model.downsample_factor),
             latent_channels=int(model.latent_channels),
             latent_stats=stats,
+            declared_scale=_declared_scale(model),
             parity={"max_abs_diff": diff, "atol": atol, "batch": parity_batch},
             checkpoint=checkpoint or {"path": None, "step": None},
         )

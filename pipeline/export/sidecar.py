@@ -62,10 +62,20 @@ def build_sidecar(
     latent_stats: dict[str, Any],
     parity: dict[str, Any],
     checkpoint: dict[str, Any],
+    declared_scale: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the sidecar dict (schema version 1); ``latent_stats`` has mean, std, samples, source."""
+    """Assemble the sidecar dict (schema version 1); ``latent_stats`` has mean, std, samples, source.
+
+    ``declared_scale`` ({"scaling_factor", "shift_factor"}) overrides the measured factors: a
+    pretrained model's diffusion counterpart was trained with the published ones.
+    """
     shape = _latent_shape(latent_channels, resolution, downsample_factor)
     std = float(latent_stats["std"])
+    measured = {
+        "scaling_factor": 1.0 / std if std > 0 else 1.0,
+        "shift_factor": float(latent_stats["mean"]),
+    }
+    scale = declared_scale or measured
     return {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
@@ -87,8 +97,9 @@ def build_sidecar(
         "downsample_factor": downsample_factor,
         "latent_channels": latent_channels,
         "latent_shape": shape,
-        "scaling_factor": 1.0 / std if std > 0 else 1.0,
-        "shift_factor": float(latent_stats["mean"]),
+        "scaling_factor": float(scale["scaling_factor"]),
+        "shift_factor": float(scale["shift_factor"]),
+        "scaling_source": "checkpoint" if declared_scale else "data",
         "latent_stats": dict(latent_stats),
         "parity": dict(parity),
         "checkpoint": dict(checkpoint),

@@ -9,9 +9,11 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.models.kl import DiagonalGaussian, KLAutoencoder, ModelConfig
-from pipeline.models.losses import LossConfig, autoencoder_loss
+from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
+from pipeline.models.quantizer import VectorQuantizer, VQConfig
+from pipeline.models.vq import VQAutoencoder, VQEncoderForExport
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {"kl": KLAutoencoder}
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {"kl": KLAutoencoder, "vq": VQAutoencoder}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -32,6 +34,11 @@ __all__ = [
     "KLAutoencoder",
     "LossConfig",
     "ModelConfig",
+    "VQAutoencoder",
+    "VQConfig",
+    "VQEncoderForExport",
+    "VectorQuantizer",
     "autoencoder_loss",
     "build_model",
+    "vq_autoencoder_loss",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.models.blocks import Decoder, Encoder, check_groups
+from pipeline.models.quantizer import VQConfig
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
@@ -29,7 +30,20 @@ class ModelConfig:
     num_res_blocks: int = 1
     z_channels: int = 4
     groups: int = 8
-    attention: bool = False
+    attention: bool = False  # self-attention in the mid block (SD: true)
+    # LDM semantics: level i runs at ``resolution // 2**i``; levels whose size is listed in
+    # ``attn_resolutions`` get attention after every resnet block. ``resolution`` only names the
+    # levels (SD: 256); it does not restrict the input size.
+    attn_resolutions: list[int] = field(default_factory=list)
+    resolution: int = 256
+    double_z: bool = True  # encoder emits mean and logvar (2*z_channels); KL models need it
+    embed_dim: int = 0  # latent channels after quant_conv; 0 = z_channels (SD: 4 = z_channels)
+    dropout: float = 0.0  # inside resnet blocks
+    # Latent normalisation the weights were published with (diffusers' scaling_factor and
+    # shift_factor). 0 = unknown: export measures it from data instead.
+    scaling_factor: float = 0.0
+    shift_factor: float = 0.0
+    vq: VQConfig = field(default_factory=VQConfig)  # codebook, for kind "vq"
 
 
 class DiagonalGaussian:
@@ -74,33 +88,62 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.ch_mult must be a non-empty list of positive ints, got {cfg.ch_mult}"
         )
-    for name in ("in_channels", "ch", "num_res_blocks", "z_channels"):
+    for name in ("in_channels", "ch", "num_res_blocks", "z_channels", "resolution"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.embed_dim < 0 or not 0.0 <= cfg.dropout < 1.0 or cfg.scaling_factor < 0:
+        raise ValueError(
+            "model.embed_dim and model.scaling_factor must be >= 0 and model.dropout in [0, 1), "
+            f"got {cfg.embed_dim}, {cfg.scaling_factor}, {cfg.dropout}"
+        )
     for mult in cfg.ch_mult:
         check_groups(cfg.ch * mult, cfg.groups)
+    attn_levels(cfg)  # raises on resolutions that name no level
+
+
+def attn_levels(cfg: ModelConfig) -> tuple[int, ...]:
+    """Level indices whose size (``resolution // 2**i``) is listed in ``attn_resolutions``."""
+    sizes = [cfg.resolution // 2**i for i in range(len(cfg.ch_mult))]
+    # LDM silently ignores a size no level has; a typo there would quietly drop attention.
+    unknown = [r for r in cfg.attn_resolutions if r not in sizes]
+    if unknown:
+        raise ValueError(
+            f"model.attn_resolutions {unknown} match no level: with model.resolution="
+            f"{cfg.resolution} the levels are {sizes}"
+        )
+    return tuple(i for i, size in enumerate(sizes) if size in cfg.attn_resolutions)
+
+
+def trunk_kwargs(cfg: ModelConfig) -> dict:
+    """Keyword arguments shared by :class:`Encoder` and :class:`Decoder` for ``cfg``."""
+    return dict(
+        ch=cfg.ch,
+        ch_mult=list(cfg.ch_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        groups=cfg.groups,
+        mid_attention=cfg.attention,
+        attn_levels=attn_levels(cfg),
+        dropout=cfg.dropout,
+    )
 
 
 class KLAutoencoder(nn.Module):
-    """Convolutional VAE with a diagonal Gaussian posterior."""
+    """Convolutional VAE with a diagonal Gaussian posterior (SD's AutoencoderKL layout)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         validate_config(cfg)
+        if not cfg.double_z:
+            raise ValueError("model.double_z must be true for model.kind='kl' (mean and logvar)")
         self.config = cfg
-        trunk = dict(
-            ch=cfg.ch,
-            ch_mult=list(cfg.ch_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            groups=cfg.groups,
-            mid_attention=cfg.attention,
-        )
+        trunk = trunk_kwargs(cfg)
+        embed = cfg.embed_dim or cfg.z_channels
         self.encoder = Encoder(
             in_channels=cfg.in_channels, out_channels=2 * cfg.z_channels, **trunk
         )
         self.decoder = Decoder(out_channels=cfg.in_channels, z_channels=cfg.z_channels, **trunk)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * embed, 1)
+        self.post_quant_conv = nn.Conv2d(embed, cfg.z_channels, 1)
 
     @property
     def downsample_factor(self) -> int:
@@ -108,7 +151,7 @@ class KLAutoencoder(nn.Module):
 
     @property
     def latent_channels(self) -> int:
-        return self.config.z_channels
+        return self.config.embed_dim or self.config.z_channels
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))

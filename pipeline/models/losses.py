@@ -1,4 +1,9 @@
-"""Autoencoder training objective: pixel reconstruction loss plus weighted KL to N(0, I)."""
+"""Autoencoder training objectives.
+
+KL models: pixel reconstruction loss plus weighted KL to N(0, I). VQ models: reconstruction loss
+plus the quantizer's own loss (commitment, and codebook loss when the codebook is learned by
+gradient); its weight lives in ``model.vq.commitment``, so there is no extra weight here.
+"""
 
 from __future__ import annotations
 
@@ -36,3 +41,22 @@ def autoencoder_loss(
     rec = reconstruction_loss(x, recon, cfg.recon)
     kl = posterior.kl().mean()
     return {"loss": rec + cfg.kl_weight * kl, "recon": rec, "kl": kl}
+
+
+def vq_autoencoder_loss(
+    x: torch.Tensor, recon: torch.Tensor, info: dict[str, torch.Tensor], cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """Return {"loss", "recon", "vq", "usage", "perplexity"} for a VQ autoencoder's output.
+
+    ``info`` is the dict from ``VQAutoencoder.forward``; usage and perplexity are passed through
+    detached, as metrics only.
+    """
+    rec = reconstruction_loss(x, recon, cfg.recon)
+    vq = info["vq_loss"]
+    return {
+        "loss": rec + vq,
+        "recon": rec,
+        "vq": vq,
+        "usage": info["usage"].detach(),
+        "perplexity": info["perplexity"].detach(),
+    }

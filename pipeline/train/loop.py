@@ -88,14 +88,8 @@ def _interval_metrics(meter: MetricMeter, step: int, started: float, ctx: Worker
     record = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
     record["images_per_s"] = round(meter.images * ctx.world_size / max(seconds, 1e-9), 2)
     if ctx.rank == 0:
-        log.info(
-            "step %d  loss %.4f  recon %.4f  kl %.1f  %.1f img/s",
-            step,
-            means["loss"],
-            means["recon"],
-            means["kl"],
-            record["images_per_s"],
-        )
+        terms = "  ".join(f"{name} {value:.4g}" for name, value in means.items())
+        log.info("step %d  %s  %.1f img/s", step, terms, record["images_per_s"])
     return record
 
 

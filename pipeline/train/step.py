@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.losses import LossConfig, autoencoder_loss
+from pipeline.models import DiagonalGaussian
+from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
 
 
 def train_step(
@@ -21,14 +22,21 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on `batch` (images in [-1, 1]); returns the detached loss terms."""
     model.train()
-    recon, posterior = model(batch)
-    terms = autoencoder_loss(batch, recon, posterior, loss_cfg)
+    terms = compute_loss(batch, model(batch), loss_cfg)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if grad_clip > 0:
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return {name: value.detach() for name, value in terms.items()}
+
+
+def compute_loss(batch: torch.Tensor, outputs, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """The objective for what the model returned: (recon, posterior) for KL, (recon, info) for VQ."""
+    recon, second = outputs
+    if isinstance(second, DiagonalGaussian):
+        return autoencoder_loss(batch, recon, second, loss_cfg)
+    return vq_autoencoder_loss(batch, recon, second, loss_cfg)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float):

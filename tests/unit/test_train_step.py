@@ -70,3 +70,32 @@ def test_single_process_run_without_ray_resumes(tiny_shards, tmp_path):
     assert fs.exists("/single-process-runs/solo/config.yaml")
     model, cfg = load_model(second["checkpoint"])
     assert cfg.train.steps == 6 and not model.training
+
+
+def test_vq_model_trains_through_the_same_loop_and_logs_codebook_health(tiny_shards):
+    """model.kind=vq uses the same train step; usage and perplexity land in metrics.jsonl."""
+    from pipeline.config import load_config
+    from pipeline.train.config import TrainRunConfig
+
+    storage = "memory://vq-runs"
+    overrides = [
+        f"data.shards={tiny_shards}",
+        *TINY_TRAIN,
+        "model.kind=vq",
+        "model.vq.num_codes=32",
+        "model.vq.dead_code_window=4",
+        "model.vq.kmeans_init=true",
+        f"train.storage_path={storage}",
+        "train.run_name=vq",
+        "train.num_workers=0",
+        "train.steps=8",
+        "train.log_every=4",
+        "train.checkpoint_every=8",
+    ]
+    result = train(load_config(TrainRunConfig, None, overrides))
+    lines = fsspec.filesystem("memory").cat_file("/vq-runs/vq/metrics.jsonl").decode().splitlines()
+    last = json.loads(lines[-1])
+    assert last["step"] == 8 and {"vq", "usage", "perplexity", "recon"} <= set(last)
+    assert 0 < last["usage"] <= 1 and last["perplexity"] >= 1
+    model, cfg = load_model(result["checkpoint"])
+    assert cfg.model.kind == "vq" and bool(model.quantize.initialised)
