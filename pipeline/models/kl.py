@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.models.blocks import Decoder, Encoder, check_groups
+from pipeline.models.classic import ClassicVAEConfig
 from pipeline.models.quantizer import VQConfig
 
 LOGVAR_MIN = -30.0
@@ -44,6 +45,8 @@ class ModelConfig:
     scaling_factor: float = 0.0
     shift_factor: float = 0.0
     vq: VQConfig = field(default_factory=VQConfig)  # codebook, for kind "vq"
+    # The textbook VAEs (kinds mlp_vae, conv_vae, cvae, conv_cvae) read only this section.
+    classic: ClassicVAEConfig = field(default_factory=ClassicVAEConfig)
 
 
 class DiagonalGaussian:

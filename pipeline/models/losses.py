@@ -22,7 +22,15 @@ class LossConfig:
     """``recon``: "l1" or "mse"; ``kl_weight`` scales the per-sample KL sum."""
 
     recon: str = "l1"
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6  # beta; the textbook VAEs use 1.0 (ELBO), beta-VAE > 1
+    kl_warmup_steps: int = 0  # linear KL warm-up from 0 to kl_weight (textbook VAEs only)
+    # Adversarial option (LDM's hinge PatchGAN; see pipeline/models/adversarial.py).
+    disc_start: int = -1  # step at which the adversarial loss switches on; -1 = never (off)
+    disc_weight: float = 0.5  # scales LDM's adaptive weight (LDM kl-f8: 0.5)
+    disc_layers: int = 3  # stride-2 conv layers in the PatchGAN (3: 70x70 receptive field)
+    disc_channels: int = 64  # width of the first layer; doubles per layer, capped at 8x
+    disc_norm: str = "group"  # "group" | "batch" (taming/LDM) | "none"; see discriminator.py
+    disc_lr: float = 0.0  # discriminator learning rate; 0 = the generator's train.lr
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:

@@ -19,9 +19,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.data.reader import make_loader
 from pipeline.models import build_model
+from pipeline.models.adversarial import adversarial_enabled, discriminator_lr
+from pipeline.models.discriminator import build_discriminator
 from pipeline.train.checkpoint import read_state
 from pipeline.train.config import TrainRunConfig, run_dir
-from pipeline.train.step import MetricMeter, make_optimizer, train_step
+from pipeline.train.step import Adversary, MetricMeter, make_optimizer, train_step
 
 log = logging.getLogger("latentpipe.train")
 
@@ -45,7 +47,8 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
 
     model = build_model(cfg.model).to(ctx.device)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
-    step = _restore(ctx.resume_dir, model, optimizer)
+    extra = _adversarial_parts(cfg, ctx.device)
+    step = _restore(ctx.resume_dir, model, optimizer, extra)
     if step >= cfg.train.steps:
         if ctx.rank == 0:
             log.info("run already at step %d of %d: nothing to do", step, cfg.train.steps)
@@ -53,12 +56,18 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
     # Reseeding from (seed, rank, step) makes a resumed run as reproducible as a fresh one.
     torch.manual_seed(cfg.train.seed * 1_000_003 + ctx.rank * 7919 + step)
     wrapped = ctx.wrap(model)
+    adversary = None
+    if extra:  # DDP on the discriminator too: every one of its parameters is used each step
+        adversary = Adversary(ctx.wrap(extra["disc"]), extra["disc_optimizer"])
     batches = iter(make_loader(cfg.data, ctx.rank, ctx.world_size, repeat=True, epoch=step))
     metrics_log = MetricsLog(run_dir(cfg.train)) if ctx.rank == 0 else None
     meter, started, last = MetricMeter(), time.perf_counter(), {"step": step}
     while step < cfg.train.steps:
-        batch = next(batches).to(ctx.device, non_blocking=True)
-        meter.add(train_step(wrapped, batch, optimizer, cfg.loss, cfg.train.grad_clip), len(batch))
+        images, labels = to_device(next(batches), ctx.device)
+        terms = train_step(
+            wrapped, images, optimizer, cfg.loss, cfg.train.grad_clip, labels, step, adversary
+        )
+        meter.add(terms, len(images))
         step += 1
         at_end = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or at_end:
@@ -67,16 +76,46 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
                 metrics_log.write(last)
             meter, started = MetricMeter(), time.perf_counter()
         if step % cfg.train.checkpoint_every == 0 or at_end:
-            ctx.report(step, last, lambda d, s=step: write_checkpoint(d, model, optimizer, s, cfg))
+            ctx.report(
+                step, last, lambda d, s=step: write_checkpoint(d, model, optimizer, s, cfg, extra)
+            )
     return last
 
 
-def _restore(resume_dir: str | None, model, optimizer) -> int:
+def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels or None) on `device`; the loader yields labels only with data.label_field."""
+    images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    images = images.to(device, non_blocking=True)
+    return images, None if labels is None else labels.to(device, non_blocking=True)
+
+
+def _adversarial_parts(cfg: TrainRunConfig, device: torch.device) -> dict:
+    """{"disc", "disc_optimizer"} when loss.disc_start >= 0, else {}."""
+    if not adversarial_enabled(cfg.loss):
+        return {}
+    if cfg.model.kind not in ("kl", "vq"):
+        raise ValueError(
+            f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
+        )
+    disc = build_discriminator(cfg.loss, cfg.model.in_channels).to(device)
+    lr = discriminator_lr(cfg.loss, cfg.train.lr)
+    return {
+        "disc": disc,
+        "disc_optimizer": make_optimizer(disc, lr, cfg.train.betas, cfg.train.weight_decay),
+    }
+
+
+def _restore(resume_dir: str | None, model, optimizer, extra: dict) -> int:
     if resume_dir is None:
         return 0
     state = read_state(resume_dir)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    for name, part in extra.items():
+        if name in state:
+            part.load_state_dict(state[name])
+        else:  # e.g. the adversarial loss was switched on when resuming an older run
+            log.info("checkpoint has no %r: starting it fresh", name)
     log.info("resumed from %s at step %d", resume_dir, state["step"])
     return int(state["step"])
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import save_resolved_config, to_dict
 from pipeline.data.urls import absolute_spec, expand_shard_urls
+from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.config import TrainRunConfig, run_dir
 from pipeline.train.loop import WorkerContext, run_loop
 
@@ -33,7 +34,7 @@ def train(cfg: TrainRunConfig) -> dict:
     save_resolved_config(cfg, directory)
     if cfg.train.num_workers == 0:
         metrics = run_loop(cfg, _single_process_context(directory))
-        checkpoint = latest_local_checkpoint(directory)
+        checkpoint = latest_checkpoint(directory)
     else:
         metrics, checkpoint = _fit_with_ray(cfg)
     log.info("training done: checkpoint %s", checkpoint)
@@ -99,7 +100,10 @@ def _ray_worker(loop_config: dict) -> None:
     cfg = _from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
     resume = ray.train.get_checkpoint()
-    with resume.as_directory() if resume else contextlib.nullcontext() as resume_dir:
+    # Ray knows the checkpoints its run snapshot committed; a run killed before the snapshot
+    # was written would restart from zero, so fall back to the newest complete one on storage.
+    fallback = None if resume else latest_checkpoint(run_dir(cfg.train))
+    with resume.as_directory() if resume else contextlib.nullcontext(fallback) as resume_dir:
         worker = WorkerContext(
             rank=ctx.get_world_rank(),
             world_size=ctx.get_world_size(),
@@ -146,7 +150,7 @@ def _single_process_context(directory: str) -> WorkerContext:
         rank=0,
         world_size=1,
         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-        resume_dir=latest_local_checkpoint(directory),
+        resume_dir=latest_checkpoint(directory),
         wrap=lambda m: m,
         all_mean=lambda t: t,
         report=lambda step, metrics, write: _save_numbered_checkpoint(directory, step, write),
@@ -162,21 +166,6 @@ def _save_numbered_checkpoint(directory: str, step: int, write) -> None:
         for name in sorted(os.listdir(tmp)):
             fs.put_file(os.path.join(tmp, name), f"{target}/{name}")
     log.info("checkpoint written: %s", target)
-
-
-def latest_local_checkpoint(directory: str) -> str | None:
-    """The newest `checkpoint_NNNNNNNN` written by a single-process run, as a URL or path."""
-    fs, root = fsspec.core.url_to_fs(directory)
-    if not fs.exists(root):
-        return None
-    names = sorted(
-        p.rstrip("/").rsplit("/", 1)[-1]
-        for p in fs.ls(root, detail=False)
-        if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
-    )
-    if not names:
-        return None
-    return f"{directory.rstrip('/')}/{names[-1]}"
 
 
 def _from_dict(data: dict) -> TrainRunConfig:

@@ -7,10 +7,22 @@ device sync every step; the caller aggregates and converts once per logging inte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from pipeline.models import DiagonalGaussian
+from pipeline.models import ClassicVAE, DiagonalGaussian
+from pipeline.models.adversarial import discriminator_step, generator_adversarial_terms
+from pipeline.models.classic import beta_schedule, elbo_from_outputs
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
+
+
+@dataclass
+class Adversary:
+    """The PatchGAN discriminator (possibly DDP-wrapped) and its optimiser."""
+
+    disc: torch.nn.Module
+    optimizer: torch.optim.Optimizer
 
 
 def train_step(
@@ -19,24 +31,55 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     loss_cfg: LossConfig,
     grad_clip: float = 0.0,
+    labels: torch.Tensor | None = None,
+    step: int = 0,
+    adversary: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step on `batch` (images in [-1, 1]); returns the detached loss terms."""
+    """One optimiser step on `batch` (images; `labels` for conditional models).
+
+    `step` is the number of steps done before this one (KL warm-up and the discriminator's
+    start read it). With an adversary, the order is taming's: generator update with the
+    adaptive-weighted hinge term, then one discriminator update on the detached reconstruction.
+    Returns the detached loss terms.
+    """
     model.train()
-    terms = compute_loss(batch, model(batch), loss_cfg)
+    terms, recon = compute_loss(model, batch, labels, loss_cfg, step)
+    if adversary is not None:
+        adv = generator_adversarial_terms(
+            model, recon, terms["recon"], adversary.disc, loss_cfg, step
+        )
+        terms["loss"] = terms["loss"] + adv.pop("adv")
+        terms.update(adv)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if grad_clip > 0:
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    if adversary is not None:
+        terms.update(
+            discriminator_step(adversary.disc, adversary.optimizer, batch, recon, loss_cfg, step)
+        )
     return {name: value.detach() for name, value in terms.items()}
 
 
-def compute_loss(batch: torch.Tensor, outputs, loss_cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """The objective for what the model returned: (recon, posterior) for KL, (recon, info) for VQ."""
-    recon, second = outputs
+def compute_loss(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    labels: torch.Tensor | None,
+    loss_cfg: LossConfig,
+    step: int,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(loss terms, decoder output) for the model's family: (β-)ELBO for the textbook VAEs,
+    L1/MSE + β·KL for KL autoencoders, recon + commitment for VQ."""
+    core = getattr(model, "module", model)  # under DDP the model is wrapped
+    if isinstance(core, ClassicVAE):
+        beta = beta_schedule(step, loss_cfg.kl_weight, loss_cfg.kl_warmup_steps)
+        outputs = model(batch, labels)
+        return elbo_from_outputs(core, batch, outputs, beta), outputs[0]
+    recon, second = model(batch)  # (recon, posterior) for KL, (recon, info) for VQ
     if isinstance(second, DiagonalGaussian):
-        return autoencoder_loss(batch, recon, second, loss_cfg)
-    return vq_autoencoder_loss(batch, recon, second, loss_cfg)
+        return autoencoder_loss(batch, recon, second, loss_cfg), recon
+    return vq_autoencoder_loss(batch, recon, second, loss_cfg), recon
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float):

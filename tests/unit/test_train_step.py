@@ -3,12 +3,13 @@
 import json
 
 import fsspec
+import pytest
 import torch
 
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.losses import LossConfig
-from pipeline.train.checkpoint import load_model, read_state
-from pipeline.train.run import latest_local_checkpoint, train
+from pipeline.train.checkpoint import latest_checkpoint, load_model, read_state
+from pipeline.train.run import train
 from pipeline.train.step import MetricMeter, make_optimizer, train_step
 from tests.conftest import TINY_TRAIN
 
@@ -63,7 +64,7 @@ def test_single_process_run_without_ray_resumes(tiny_shards, tmp_path):
     assert read_state(first["checkpoint"])["step"] == 4
     second = train(load_config(TrainRunConfig, None, [*overrides, "train.steps=6"]))
     assert read_state(second["checkpoint"])["step"] == 6
-    assert latest_local_checkpoint(f"{storage}/solo").endswith("checkpoint_00000006")
+    assert latest_checkpoint(f"{storage}/solo").endswith("checkpoint_00000006")
     fs = fsspec.filesystem("memory")
     lines = fs.cat_file("/single-process-runs/solo/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
@@ -99,3 +100,103 @@ def test_vq_model_trains_through_the_same_loop_and_logs_codebook_health(tiny_sha
     assert 0 < last["usage"] <= 1 and last["perplexity"] >= 1
     model, cfg = load_model(result["checkpoint"])
     assert cfg.model.kind == "vq" and bool(model.quantize.initialised)
+
+
+def test_adversarial_training_resumes_with_its_discriminator(tiny_shards):
+    """loss.disc_start switches the PatchGAN on mid-run; its weights and optimiser are checkpointed."""
+    from pipeline.config import load_config
+    from pipeline.train.config import TrainRunConfig
+
+    overrides = [
+        f"data.shards={tiny_shards}",
+        *TINY_TRAIN,
+        "loss.disc_start=2",
+        "loss.disc_channels=8",
+        "train.storage_path=memory://gan-runs",
+        "train.run_name=gan",
+        "train.num_workers=0",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+    ]
+    first = train(load_config(TrainRunConfig, None, [*overrides, "train.steps=4"]))
+    state = read_state(first["checkpoint"])
+    assert {"disc", "disc_optimizer"} <= set(state) and state["disc_optimizer"]["state"]
+    second = train(load_config(TrainRunConfig, None, [*overrides, "train.steps=6"]))
+    resumed = read_state(second["checkpoint"])
+    assert resumed["step"] == 6
+    moved = [not torch.equal(state["disc"][k], resumed["disc"][k]) for k in state["disc"]]
+    assert any(moved), "the discriminator did not train after the resume"
+    lines = (
+        fsspec.filesystem("memory").cat_file("/gan-runs/gan/metrics.jsonl").decode().splitlines()
+    )
+    records = [json.loads(line) for line in lines]
+    assert records[0]["d_weight"] == 0 and "d_loss" not in records[0]  # steps 1-2: before start
+    assert records[-1]["d_weight"] > 0 and records[-1]["d_loss"] > 0
+
+
+def test_adversarial_loss_is_refused_for_textbook_vaes(mnist_shards):
+    from pipeline.config import load_config
+    from pipeline.train.config import TrainRunConfig
+
+    cfg = load_config(
+        TrainRunConfig,
+        "configs/train/mnist-mlp-vae.yaml",
+        [
+            f"data.shards={mnist_shards['train']}",
+            "loss.disc_start=0",
+            "train.num_workers=0",
+            "train.storage_path=memory://refused",
+            "train.steps=1",
+        ],
+    )
+    with pytest.raises(ValueError, match="loss.disc_start"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("config", ["mlp-vae", "conv-vae", "beta-vae", "cvae"])
+def test_textbook_vaes_train_from_their_configs(mnist_shards, config):
+    """The classic VAE family: configs for the same trainer; the negative ELBO goes down."""
+    from pipeline.config import load_config
+    from pipeline.train.config import TrainRunConfig
+
+    storage = f"memory://classic-{config}"
+    cfg = load_config(
+        TrainRunConfig,
+        f"configs/train/mnist-{config}.yaml",
+        [
+            f"data.shards={mnist_shards['train']}",
+            "train.num_workers=0",
+            f"train.storage_path={storage}",
+            "train.steps=40",
+            "train.log_every=10",
+            "train.checkpoint_every=40",
+            "data.batch_size=64",
+        ],
+    )
+    result = train(cfg)
+    path = f"/classic-{config}/mnist-{config}/metrics.jsonl"
+    records = [
+        json.loads(x) for x in fsspec.filesystem("memory").cat_file(path).decode().splitlines()
+    ]
+    assert records[-1]["nelbo"] < records[0]["nelbo"] - 50  # nats per image
+    model, loaded = load_model(result["checkpoint"])
+    if loaded.model.classic.num_classes:
+        digits = model.generate(torch.arange(10))
+        assert digits.shape == (10, 1, 28, 28) and 0 <= digits.min() and digits.max() <= 1
+
+
+def test_latest_checkpoint_skips_a_copy_cut_short(tmp_path):
+    """A checkpoint whose state.pt was cut off mid-write is not resumed from."""
+    model = build_model(TINY)
+    optimizer = make_optimizer(model, 1e-3, [0.5, 0.9], 0.0)
+    from pipeline.train.checkpoint import write_checkpoint
+    from pipeline.train.config import TrainRunConfig
+
+    for step in (2, 4):
+        directory = tmp_path / f"checkpoint_{step:08d}"
+        directory.mkdir()
+        write_checkpoint(str(directory), model, optimizer, step, TrainRunConfig())
+    state = tmp_path / "checkpoint_00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    assert latest_checkpoint(str(tmp_path / "absent")) is None
