@@ -5,6 +5,9 @@ encode of the corpus -> decode validation latents with the trained decoder -> PS
 reconstruction grid -> `summary.json` naming every artifact.
 
 Run: `latentpipe demo workdir=demo-out` (or `make demo`).
+VQ variant: `latentpipe demo configs/demo-vq.yaml` trains a small VQ-VAE; the latent shards then
+hold uint16 code indices, which are decoded through the corpus's codebook and the trained
+decoder, and the summary adds codebook usage and perplexity (training and encoded corpus).
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
 from pipeline.encode.job import EncodeConfig, encode_corpus
-from pipeline.encode.latents import iter_latents
+from pipeline.encode.latents import (
+    VQ_KIND,
+    iter_latents,
+    load_manifest,
+    load_manifest_codebook,
+    lookup_codebook,
+)
 from pipeline.export import ExportConfig, export_from_checkpoint
 from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
@@ -127,6 +136,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "rejects": manifest["rejects"],
         "scaling_factor": manifest["scaling_factor"],
         "onnx_parity_max_abs_diff": sidecar["parity"]["max_abs_diff"],
+        "model_kind": sidecar["model_kind"],
+        **_codebook_summary(trained["metrics"], manifest),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     summary = {k: _absolute(v) for k, v in summary.items()}
@@ -138,6 +149,25 @@ def run_demo(cfg: DemoConfig) -> dict:
         workdir / "summary.json",
     )
     return summary
+
+
+def _codebook_summary(train_metrics: dict, manifest: dict) -> dict:
+    """VQ only: codebook usage/perplexity at the end of training and over the stored indices."""
+    if manifest["latent"].get("kind") != VQ_KIND:
+        return {}
+    corpus = manifest["code_usage"]
+    return {
+        "codebook": {
+            "num_codes": corpus["num_codes"],
+            # Training figures are the last logging interval's means (usage: codes used within
+            # the dead-code window); corpus figures count every stored index once.
+            "train_usage": train_metrics.get("usage"),
+            "train_perplexity": train_metrics.get("perplexity"),
+            "corpus_codes_used": corpus["codes_used"],
+            "corpus_usage": corpus["usage"],
+            "corpus_perplexity": corpus["perplexity"],
+        }
+    }
 
 
 def _absolute(value):
@@ -170,12 +200,13 @@ def reconstruction_report(
     model, run_cfg = load_model(checkpoint)
     resolution = run_cfg.data.resolution
     originals = dict(iter_val_images(expand_shard_urls(val_dir), resolution, limit=None))
+    to_latent = _latent_reader(latents_dir, model)
     scores, pairs = [], []
-    for key, latent, _extras in iter_latents(latents_dir):
+    for key, stored, _extras in iter_latents(latents_dir):
         if key not in originals:
             continue  # a training tile: PSNR is reported on held-out photos only
         with torch.no_grad():
-            decoded = model.decode(torch.from_numpy(latent.astype(np.float32))[None])[0]
+            decoded = model.decode(torch.from_numpy(to_latent(stored))[None])[0]
         recon = denormalize(decoded.numpy())
         scores.append(psnr(originals[key], recon))
         if len(pairs) < cfg.report_images:
@@ -193,6 +224,22 @@ def reconstruction_report(
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return {**report, "report": str(out_dir / "report.json"), "grid": str(grid)}
+
+
+def _latent_reader(latents_dir: str, model: torch.nn.Module):
+    """stored sample -> float32 latent [C, h, w] for the decoder.
+
+    KL: the stored posterior mean. VQ: the codebook lookup of the stored indices through the
+    corpus's own codebook.npy (hash-checked), which must be the trained model's lookup codebook,
+    so lookup + decode here equals ``VQAutoencoder.decode_indices``.
+    """
+    manifest = load_manifest(latents_dir)
+    if manifest["latent"].get("kind") != VQ_KIND:
+        return lambda stored: stored.astype(np.float32)
+    codebook = load_manifest_codebook(latents_dir, manifest)
+    if not np.array_equal(codebook, model.quantize.codes().detach().numpy()):
+        raise ValueError(f"{latents_dir}: codebook.npy is not the checkpoint's codebook")
+    return lambda stored: lookup_codebook(stored, codebook)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -13,6 +13,9 @@ _EXPORTS = {
     "encode_corpus": "pipeline.encode.job",
     "load_manifest": "pipeline.encode.latents",
     "iter_latents": "pipeline.encode.latents",
+    "load_codebook": "pipeline.encode.latents",
+    "load_manifest_codebook": "pipeline.encode.latents",
+    "lookup_codebook": "pipeline.encode.latents",
     "read_rejects": "pipeline.encode.latents",
 }
 

@@ -3,6 +3,12 @@
 Pipeline: shard URLs -> flat_map(read tar: one row per sample) -> map_batches(decode + resize,
 CPU tasks) -> map_batches(OrtEncoder actors, one ONNX session each) -> the driver, which writes
 latent shards, rejects.jsonl, index.json and finally manifest.json (the "finished" marker).
+
+VQ encoders (sidecar ``model_kind: "vq"``): the actors run the ``indices`` output and the shards
+store ``indices.npy`` (uint16, or int32 beyond 65536 codes). The driver loads ``codebook.npy``
+from beside the encoder (hash-checked against the sidecar), computes the statistics and
+scaling/shift on the codebook lookup of the indices, and copies the codebook into the output so
+the corpus decodes without the encoder.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ from omegaconf import MISSING
 
 from pipeline.config import save_resolved_config
 from pipeline.encode.latents import (
+    CODEBOOK_FILE,
+    INDICES_FIELD,
     LATENT_FIELD,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     REJECTS_FILE,
+    VQ_KIND,
     join_url,
+    parse_codebook,
+    read_verified,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +57,7 @@ class EncodeConfig:
     num_actors: int = 1  # encoder actors (one ONNX session each; one GPU each on GPU nodes)
     threads_per_actor: int = 0  # ONNX intra-op threads per actor, 0 = onnxruntime default
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float16"  # dtype of the stored latents: float16 | float32
+    dtype: str = "float16"  # stored KL latents: float16 | float32 (VQ: the sidecar's index_dtype)
     samples_per_shard: int = 1000
     prefix: str = "latents"
     decode_cpus: float = 1.0  # CPUs reserved per decode task
@@ -197,23 +208,57 @@ def manifest_scale(stats: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, 
     }
 
 
+def is_vq(sidecar: dict[str, Any]) -> bool:
+    return sidecar.get("model_kind") == "vq"
+
+
+def latent_spec(cfg: EncodeConfig, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``latent`` block: what each sample stores, and how to read it."""
+    shape = [int(x) for x in sidecar["latent_shape"]]
+    if not is_vq(sidecar):
+        return {"field": LATENT_FIELD, "shape": shape, "dtype": cfg.dtype, "kind": "posterior_mean"}
+    return {
+        "field": INDICES_FIELD,
+        "shape": shape[1:],
+        "dtype": sidecar["index_dtype"],
+        "kind": VQ_KIND,
+        "num_codes": int(sidecar["num_codes"]),
+        "code_dim": int(sidecar["code_dim"]),
+        "lookup_shape": shape,  # codebook lookup of the indices: the quantized latent [C, h, w]
+        "codebook_file": CODEBOOK_FILE,
+        "codebook_sha256": sidecar["codebook_sha256"],
+    }
+
+
+def _load_codebook(cfg: EncodeConfig, sidecar: dict[str, Any]) -> tuple[bytes, Any] | None:
+    """(raw bytes, float32 array) of a VQ encoder's codebook, hash-checked; None for KL."""
+    if not is_vq(sidecar):
+        return None
+    from pipeline.export.sidecar import codebook_url
+
+    url = codebook_url(cfg.encoder, sidecar)
+    raw = read_verified(url, sidecar["codebook_sha256"])
+    codebook = parse_codebook(raw, url)
+    expected = (int(sidecar["num_codes"]), int(sidecar["code_dim"]))
+    if codebook.shape != expected:
+        raise ValueError(f"{url}: codebook shape {codebook.shape}, sidecar says {expected}")
+    return raw, codebook
+
+
 def _manifest(cfg, sidecar, shards, sink, wall: float) -> dict[str, Any]:
     stats = sink.stats.summary()
+    codes = {"code_usage": sink.codes.summary()} if sink.codes is not None else {}
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "encoder": {"path": cfg.encoder, "sha256": sidecar["onnx_sha256"], "sidecar": sidecar},
-        "latent": {
-            "field": LATENT_FIELD,
-            "shape": list(sidecar["latent_shape"]),
-            "dtype": cfg.dtype,
-            "kind": "posterior_mean",
-        },
+        "latent": latent_spec(cfg, sidecar),
         **manifest_scale(stats, sidecar),
         "measured_std": stats["std"],
         "measured_mean": stats["mean"],
         "channel_mean": stats["channel_mean"],
         "channel_std": stats["channel_std"],
+        **codes,
         "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in shards],
         "samples": sink.written,
         "rejects": sink.rejected,
@@ -234,13 +279,42 @@ def _write_json_atomic(url: str, data: dict[str, Any]) -> None:
     fs.mv(tmp, path)
 
 
+def _make_sink(cfg: EncodeConfig, sidecar: dict[str, Any], total: int | None, codebook):
+    from pipeline.encode.sink import LatentSink
+
+    spec = latent_spec(cfg, sidecar)
+    return LatentSink(
+        cfg.output,
+        cfg.prefix,
+        cfg.samples_per_shard,
+        spec["dtype"],
+        spec["shape"],
+        total,
+        field=spec["field"],
+        codebook=None if codebook is None else codebook[1],
+    )
+
+
+def _commit(cfg: EncodeConfig, sidecar, sink, codebook, start: float) -> dict[str, Any]:
+    """Close the sink, then write codebook (VQ), index.json, config and, last, the manifest."""
+    from pipeline.data.tario import write_index
+
+    shards = sink.close()
+    if codebook is not None:
+        with fsspec.open(join_url(cfg.output, CODEBOOK_FILE), "wb") as f:
+            f.write(codebook[0])  # the verified bytes: the manifest's hash pins this copy
+    write_index(cfg.output, shards, extra={"format": MANIFEST_FORMAT, "latent_field": sink.field})
+    manifest = _manifest(cfg, sidecar, shards, sink, time.monotonic() - start)
+    save_resolved_config(cfg, cfg.output, "encode-config.yaml")
+    _write_json_atomic(join_url(cfg.output, MANIFEST_FILE), manifest)  # last: the commit record
+    return manifest
+
+
 def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
     """Encode ``cfg.input`` into latent shards under ``cfg.output``; returns the manifest."""
     import ray
 
-    from pipeline.data.tario import write_index
     from pipeline.data.urls import absolute_spec, expand_shard_urls
-    from pipeline.encode.sink import LatentSink
 
     # Paths go to Ray workers, whose working directory is not ours.
     cfg = dataclasses.replace(
@@ -251,6 +325,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
     )
     validate_config(cfg)
     sidecar = _load_encoder(cfg)
+    codebook = _load_codebook(cfg, sidecar)
     urls = expand_shard_urls(cfg.input)
     _check_output_free(cfg.output, cfg.prefix)
     if not ray.is_initialized():
@@ -266,24 +341,18 @@ def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
     )
     start = time.monotonic()
     ds = build_dataset(cfg, urls, sidecar)
-    sink = LatentSink(
-        cfg.output, cfg.prefix, cfg.samples_per_shard, cfg.dtype, sidecar["latent_shape"], total
-    )
+    sink = _make_sink(cfg, sidecar, total, codebook)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             sink.add_batch(batch)
     except BaseException:
         sink.abort()  # no manifest is written, so the output reads as unfinished
         raise
-    shards = sink.close()
-    write_index(cfg.output, shards, extra={"format": MANIFEST_FORMAT, "latent_field": LATENT_FIELD})
-    manifest = _manifest(cfg, sidecar, shards, sink, time.monotonic() - start)
-    save_resolved_config(cfg, cfg.output, "encode-config.yaml")
-    _write_json_atomic(join_url(cfg.output, MANIFEST_FILE), manifest)  # last: the commit record
+    manifest = _commit(cfg, sidecar, sink, codebook, start)
     log.info(
         "wrote %d latents in %d shard(s) to %s (%d rejected, %.1f img/s)",
         sink.written,
-        len(shards),
+        len(manifest["shards"]),
         cfg.output,
         sink.rejected,
         manifest["images_per_s"] or 0.0,

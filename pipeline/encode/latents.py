@@ -5,10 +5,16 @@ posterior mean under ``latent.npy`` plus the input's non-image fields, unchanged
 ``rejects.jsonl`` and ``manifest.json``. The manifest is written last, so its presence marks a
 finished run. ``latent.npy`` is plain ``numpy.lib.format`` (never pickled), which
 ``webdataset.decode()`` and ``ray.data.read_webdataset`` both read.
+
+VQ encoders store code indices instead: ``indices.npy``, [h, w] uint16 (int32 beyond 65536 codes),
+manifest ``latent.kind == "vq_indices"``. The corpus then carries ``codebook.npy`` (float32
+[num_codes, code_dim], pinned by ``latent.codebook_sha256``), so it can be turned back into
+quantized latents without the encoder: ``lookup_codebook(indices, load_manifest_codebook(dir))``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -22,6 +28,9 @@ MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 REJECTS_FILE = "rejects.jsonl"
 LATENT_FIELD = "latent.npy"
+INDICES_FIELD = "indices.npy"
+VQ_KIND = "vq_indices"
+CODEBOOK_FILE = "codebook.npy"
 
 
 def join_url(base: str, name: str) -> str:
@@ -96,3 +105,52 @@ def read_rejects(directory: str) -> list[dict[str, Any]]:
         return []
     with fs.open(fpath, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_verified(url: str, sha256: str | None = None) -> bytes:
+    """The bytes of ``url``; raises ValueError when they do not hash to ``sha256`` (if given)."""
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise ValueError(
+            f"sha256 of {url} is {digest}, expected {sha256}: the codebook was changed or replaced"
+        )
+    return data
+
+
+def parse_codebook(data: bytes, where: str = "codebook") -> np.ndarray:
+    """.npy bytes -> float32 [num_codes, code_dim], refusing anything else."""
+    codebook = decode_npy(data)
+    if codebook.ndim != 2 or codebook.dtype != np.float32:
+        raise ValueError(
+            f"{where}: expected float32 [num_codes, code_dim], got {codebook.dtype}"
+            f"{list(codebook.shape)}"
+        )
+    return codebook
+
+
+def load_codebook(url: str, sha256: str | None = None) -> np.ndarray:
+    """Load a VQ ``codebook.npy`` (local path or fsspec URL), hash-checked when ``sha256`` given."""
+    return parse_codebook(read_verified(url, sha256), url)
+
+
+def load_manifest_codebook(directory: str, manifest: dict[str, Any] | None = None) -> np.ndarray:
+    """The hash-checked codebook of a VQ latent corpus (its manifest's ``latent.codebook_file``)."""
+    latent = (manifest or load_manifest(directory))["latent"]
+    if latent.get("kind") != VQ_KIND:
+        raise ValueError(f"{directory} holds {latent.get('kind')!r} latents, not {VQ_KIND!r}")
+    return load_codebook(join_url(directory, latent["codebook_file"]), latent["codebook_sha256"])
+
+
+def lookup_codebook(indices: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Stored indices [h, w] (or [N, h, w]), any integer dtype -> quantized latents [C, h, w]
+    (or [N, C, h, w]) in the codebook's dtype: exactly the encoder's ``quantized`` output."""
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"indices must be integers, got {indices.dtype}")
+    if indices.size and (indices.min() < 0 or indices.max() >= len(codebook)):
+        raise ValueError(
+            f"indices span [{indices.min()}, {indices.max()}] but the codebook has "
+            f"{len(codebook)} codes"
+        )
+    return np.moveaxis(codebook[indices.astype(np.intp)], -1, -3)

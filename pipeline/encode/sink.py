@@ -3,6 +3,9 @@
 Every row that reaches the driver ends up exactly once either in a latent shard or as a line of
 ``rejects.jsonl`` ({"key", "shard", "reason"}); a key already written is rejected as a duplicate
 because WebDataset consumers address samples by key.
+
+For VQ encoders the rows carry code indices; they are stored as they come (``indices.npy``) while
+the statistics are taken on their codebook lookup, the latents diffusion will actually see.
 """
 
 from __future__ import annotations
@@ -15,9 +18,15 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.encode.latents import LATENT_FIELD, REJECTS_FILE, encode_npy, join_url
+from pipeline.encode.latents import (
+    LATENT_FIELD,
+    REJECTS_FILE,
+    encode_npy,
+    join_url,
+    lookup_codebook,
+)
 from pipeline.encode.stages import unpack_extras
-from pipeline.encode.stats import ChannelStats
+from pipeline.encode.stats import ChannelStats, CodeUsage
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,11 @@ PROGRESS_EVERY_S = 10.0
 
 
 class LatentSink:
-    """Consumes encoder-stage batches; call :meth:`close` once at the end."""
+    """Consumes encoder-stage batches; call :meth:`close` once at the end.
+
+    ``latent_shape``/``dtype`` describe what is stored under ``field``; with a ``codebook``
+    (VQ) the stored values are code indices and statistics use their lookup.
+    """
 
     def __init__(
         self,
@@ -36,13 +49,19 @@ class LatentSink:
         dtype: str,
         latent_shape: list[int],
         expected_total: int | None = None,
+        *,
+        field: str = LATENT_FIELD,
+        codebook: np.ndarray | None = None,
     ) -> None:
         from pipeline.data.tario import TarShardWriter
 
         self.output = output
+        self.field = field
         self.dtype = np.dtype(dtype)
         self.latent_shape = tuple(latent_shape)
-        self.stats = ChannelStats(latent_shape[0])
+        self.codebook = codebook
+        self.codes = CodeUsage(len(codebook)) if codebook is not None else None
+        self.stats = ChannelStats(latent_shape[0] if codebook is None else codebook.shape[1])
         self.writer = TarShardWriter(
             output, prefix=prefix, max_samples=samples_per_shard, max_bytes=MAX_SHARD_BYTES
         )
@@ -78,8 +97,15 @@ class LatentSink:
                 continue
             self._write(key, latents[i], str(batch["extras"][i]))
             keep[i] = True
-        self.stats.update(latents[keep])
+        self._update_stats(latents[keep])
         self._maybe_log()
+
+    def _update_stats(self, stored: np.ndarray) -> None:
+        if self.codebook is None:
+            self.stats.update(stored)
+            return
+        self.codes.update(stored)
+        self.stats.update(lookup_codebook(stored, self.codebook))
 
     def _write(self, key: str, latent: np.ndarray, extras_json: str) -> None:
         if tuple(latent.shape) != self.latent_shape:
@@ -87,13 +113,13 @@ class LatentSink:
                 f"latent for {key!r} has shape {latent.shape}, expected {self.latent_shape}"
             )
         files = unpack_extras(extras_json)
-        if LATENT_FIELD in files:
+        if self.field in files:
             # The encoder output wins; counted and reported in the manifest, never silent.
             self.field_clashes += 1
             log.warning(
-                "sample %r already had a %s field; replaced by the new latent", key, LATENT_FIELD
+                "sample %r already had a %s field; replaced by the new latent", key, self.field
             )
-        files[LATENT_FIELD] = encode_npy(latent.astype(self.dtype))
+        files[self.field] = encode_npy(latent.astype(self.dtype))
         self.writer.write(key, files)
         self.seen.add(key)
         self.written += 1

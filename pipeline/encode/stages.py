@@ -7,7 +7,8 @@ Rows travel through Ray/Arrow as plain columns only (nothing is pickled):
   reject: str    "" for good rows, otherwise the reason the sample is rejected
   image: bytes   raw image bytes (read stage only)
   pixels: uint8 [R, R, 3]       resized, centre-cropped image (decode stage; zeros on rejects)
-  latent: float32 [C, h, w]     posterior mean (encoder stage; zeros on rejects)
+  latent: float32 [C, h, w]     posterior mean (encoder stage; zeros on rejects), or for VQ
+          encoders uint16/int32 [h, w] code indices (the sidecar's index_dtype)
 Rejected samples stay in the stream as rows with a reason, so the driver sees every input key
 exactly once and records it either in a latent shard or in rejects.jsonl.
 Images cross the object store as uint8 (4x smaller than float32); the encoder actor normalises.
@@ -142,8 +143,21 @@ def _local_model_path(path: str, sha256: str) -> str:
     return local
 
 
+def encoder_output(sidecar: dict[str, Any]) -> tuple[str, tuple[int, ...], str]:
+    """(graph output to run, per-sample shape, dtype) of what the encoder stage emits.
+
+    KL: the posterior ``mean`` as float32 (the sink casts to the stored dtype). VQ: the code
+    ``indices``, narrowed here to the stored dtype so rows cross the object store 4x smaller.
+    """
+    shape = tuple(int(x) for x in sidecar["latent_shape"])
+    if sidecar.get("model_kind") == "vq":
+        return "indices", shape[1:], str(sidecar["index_dtype"])
+    return "mean", shape, "float32"
+
+
 class OrtEncoder:
-    """Stateful map_batches stage (actor): normalise pixels and run the encoder's ``mean`` output."""
+    """Stateful map_batches stage (actor): normalise pixels and run the encoder's ``mean`` output
+    (``indices`` for VQ encoders)."""
 
     def __init__(self, encoder: str, sidecar: dict[str, Any], device: str, threads: int) -> None:
         from pipeline.encode.session import make_session
@@ -153,7 +167,8 @@ class OrtEncoder:
         norm = spec["normalization"]
         self.scale = np.float32(norm["scale"])
         self.offset = np.float32(norm["offset"])
-        self.latent_shape = tuple(int(x) for x in sidecar["latent_shape"])
+        self.output, self.latent_shape, self.dtype = encoder_output(sidecar)
+        self.num_codes = int(sidecar.get("num_codes") or 0)
         self.session = make_session(
             _local_model_path(encoder, sidecar["onnx_sha256"]), device, threads
         )
@@ -162,16 +177,12 @@ class OrtEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch["pixels"]
         good = np.array([not r for r in batch["reject"]], dtype=bool)
-        latent = np.zeros((len(good), *self.latent_shape), dtype=np.float32)
+        latent = np.zeros((len(good), *self.latent_shape), dtype=self.dtype)
         if good.any():
             # HWC uint8 -> NCHW float32 in the sidecar's range (x / scale + offset).
             x = pixels[good].astype(np.float32).transpose(0, 3, 1, 2) / self.scale + self.offset
-            (mean,) = self.session.run(["mean"], {self.input_name: np.ascontiguousarray(x)})
-            if tuple(mean.shape[1:]) != self.latent_shape:
-                raise ValueError(
-                    f"encoder produced latents {mean.shape[1:]}, sidecar says {self.latent_shape}"
-                )
-            latent[good] = mean
+            (out,) = self.session.run([self.output], {self.input_name: np.ascontiguousarray(x)})
+            latent[good] = self._checked(out)
         return {
             "key": batch["key"],
             "shard": batch["shard"],
@@ -179,3 +190,13 @@ class OrtEncoder:
             "reject": batch["reject"],
             "latent": latent,
         }
+
+    def _checked(self, out: np.ndarray) -> np.ndarray:
+        if tuple(out.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"encoder produced {self.output} {out.shape[1:]}, sidecar says {self.latent_shape}"
+            )
+        # A narrowing cast would wrap an out-of-range index silently into a wrong code.
+        if self.num_codes and out.size and (out.min() < 0 or out.max() >= self.num_codes):
+            raise ValueError(f"encoder produced code indices outside [0, {self.num_codes})")
+        return out

@@ -1,4 +1,5 @@
-"""Streaming per-channel latent statistics for the diffusion ``scaling_factor`` / ``shift_factor``.
+"""Streaming per-channel latent statistics for the diffusion ``scaling_factor`` / ``shift_factor``
+(and, for VQ corpora, the code histogram behind usage and perplexity).
 
 Batches are merged with Chan et al.'s parallel update of (count, mean, M2) in float64, which stays
 accurate over hundreds of millions of values where a naive sum/sum-of-squares would cancel.
@@ -57,4 +58,30 @@ class ChannelStats:
             "mean": global_mean,
             "std": global_std,
             "values_per_channel": int(self.count),
+        }
+
+
+class CodeUsage:
+    """Histogram of stored VQ code indices: how much of the codebook the corpus actually uses."""
+
+    def __init__(self, num_codes: int) -> None:
+        self.counts = np.zeros(num_codes, dtype=np.int64)
+
+    def update(self, indices: np.ndarray) -> None:
+        if indices.size:
+            flat = indices.reshape(-1).astype(np.int64)
+            self.counts += np.bincount(flat, minlength=len(self.counts))
+
+    def summary(self) -> dict[str, Any]:
+        """codes used, usage (fraction of codes used) and perplexity exp(H) of the index
+        distribution (natural log, as the quantizer's training metric; = num_codes when uniform)."""
+        total = int(self.counts.sum())
+        probs = self.counts[self.counts > 0] / max(total, 1)
+        used = int((self.counts > 0).sum())
+        return {
+            "num_codes": len(self.counts),
+            "codes_used": used,
+            "usage": used / len(self.counts),
+            "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if total else 0.0,
+            "indices": total,
         }

@@ -2,11 +2,19 @@
 
 from pipeline.export.job import ExportConfig, export_from_checkpoint, export_model
 from pipeline.export.onnx_export import EncoderForExport, export_encoder_onnx
-from pipeline.export.parity import ParityError, check_parity, compare_outputs
+from pipeline.export.parity import (
+    IndexParityError,
+    ParityError,
+    check_parity,
+    compare_outputs,
+    parity_report,
+)
 from pipeline.export.sidecar import (
     SidecarError,
     build_sidecar,
+    codebook_url,
     file_sha256,
+    index_dtype,
     load_sidecar,
     sidecar_path,
     write_sidecar,
@@ -16,17 +24,21 @@ from pipeline.export.stats import estimate_latent_stats
 __all__ = [
     "EncoderForExport",
     "ExportConfig",
+    "IndexParityError",
     "ParityError",
     "SidecarError",
     "build_sidecar",
     "check_parity",
+    "codebook_url",
     "compare_outputs",
     "estimate_latent_stats",
     "export_encoder_onnx",
     "export_from_checkpoint",
     "export_model",
     "file_sha256",
+    "index_dtype",
     "load_sidecar",
+    "parity_report",
     "sidecar_path",
     "write_sidecar",
 ]

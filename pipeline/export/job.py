@@ -1,4 +1,7 @@
-"""Checkpoint -> ``encoder.onnx`` + ``encoder.json``: export, parity check, latent stats, sidecar."""
+"""Checkpoint -> ``encoder.onnx`` + ``encoder.json``: export, parity check, latent stats, sidecar.
+
+VQ models also get ``codebook.npy`` beside the ONNX file (see pipeline.export.sidecar).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import torch
 from omegaconf import MISSING
 from torch import nn
 
 from pipeline.config import save_resolved_config
-from pipeline.export.onnx_export import export_encoder_onnx
-from pipeline.export.parity import check_parity
-from pipeline.export.sidecar import build_sidecar, file_sha256, write_sidecar
+from pipeline.export.onnx_export import export_encoder_onnx, is_vq
+from pipeline.export.parity import parity_report
+from pipeline.export.sidecar import build_sidecar, file_sha256, vq_fields, write_sidecar
 from pipeline.export.stats import estimate_latent_stats_counted
 
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "encoder.onnx"
 SIDECAR_NAME = "encoder.json"
+CODEBOOK_NAME = "codebook.npy"
 
 
 @dataclass
@@ -90,7 +95,8 @@ def export_model(
     with tempfile.TemporaryDirectory(prefix="latentpipe-export-") as tmp:
         onnx_path = os.path.join(tmp, ONNX_NAME)
         export_encoder_onnx(model.to("cpu"), resolution, onnx_path, opset)
-        diff = check_parity(onnx_path, model, resolution, parity_batch, atol)
+        parity = parity_report(onnx_path, model, resolution, parity_batch, atol)
+        vq = _write_codebook(model, tmp) if is_vq(model) else None
         stats = _latent_stats(model.to(stats_device), scale_shards, resolution, scale_samples)
         model.to("cpu")
         sidecar = build_sidecar(
@@ -103,21 +109,39 @@ def export_model(
             latent_channels=int(model.latent_channels),
             latent_stats=stats,
             declared_scale=_declared_scale(model),
-            parity={"max_abs_diff": diff, "atol": atol, "batch": parity_batch},
+            parity={**parity, "atol": atol, "batch": parity_batch},
             checkpoint=checkpoint or {"path": None, "step": None},
+            vq=vq,
         )
         sidecar_local = write_sidecar(os.path.join(tmp, SIDECAR_NAME), sidecar)
-        _publish(onnx_path, sidecar_local, output)
+        extra = [os.path.join(tmp, CODEBOOK_NAME)] if vq else []
+        _publish([*extra, onnx_path, sidecar_local], output)
     log.info("encoder exported to %s", output)
     return sidecar
 
 
-def _publish(onnx_path: str, sidecar_path: str, output: str) -> None:
+def _write_codebook(model: nn.Module, directory: str) -> dict[str, Any]:
+    """Save the lookup codebook (``quantize.codes()``: unit rows for cosine) as float32 .npy."""
+    quantizer = model.quantize
+    codes = quantizer.codes().detach().to("cpu", torch.float32).numpy()
+    path = os.path.join(directory, CODEBOOK_NAME)
+    np.save(path, np.ascontiguousarray(codes), allow_pickle=False)
+    return vq_fields(
+        CODEBOOK_NAME,
+        file_sha256(path),
+        num_codes=codes.shape[0],
+        code_dim=codes.shape[1],
+        distance=quantizer.config.distance,
+    )
+
+
+def _publish(local_files: list[str], output: str) -> None:
+    """Copy files to ``output`` in order; the sidecar goes last, so a reader that finds it can
+    rely on the model (and codebook) it pins being complete."""
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
-    # ONNX first: a reader that finds the sidecar can rely on the model being complete.
-    fs.put_file(onnx_path, f"{root.rstrip('/')}/{ONNX_NAME}")
-    fs.put_file(sidecar_path, f"{root.rstrip('/')}/{SIDECAR_NAME}")
+    for path in local_files:
+        fs.put_file(path, f"{root.rstrip('/')}/{os.path.basename(path)}")
 
 
 def _checkpoint_step(ckpt_dir: str) -> int | None:

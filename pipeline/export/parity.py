@@ -1,17 +1,30 @@
-"""Numerical parity between an exported ONNX encoder (run in onnxruntime) and the torch model."""
+"""Numerical parity between an exported ONNX encoder (run in onnxruntime) and the torch model.
+
+KL encoders: every output (mean, logvar) must agree within ``atol``.
+
+VQ encoders: ``indices`` must be *equal*. The only mismatch tolerated is an exact tie: the code
+ONNX Runtime picked is, for that latent vector, as near as the code torch picked up to float32
+rounding of the distance (|d(z, c_ort) - d(z, c_torch)| <= ``TIE_RTOL`` * (|z|^2 + |c_torch|^2),
+distances in float64 on torch's pre-quantisation latent). Two float32 argmins over different
+kernels can legitimately split such ties; anything else fails. ``quantized`` must equal the
+codebook lookup of the ONNX indices within ``atol`` (so, where the indices agree, torch's output).
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.encode.session import make_session
-from pipeline.export.onnx_export import INPUT_NAME, OUTPUT_NAMES, EncoderForExport
+from pipeline.export.onnx_export import INPUT_NAME, export_wrapper, is_vq, output_names
 
 log = logging.getLogger(__name__)
+
+TIE_RTOL = 1e-5  # relative distance gap under which two codes count as an exact tie
 
 
 class ParityError(RuntimeError):
@@ -24,6 +37,20 @@ class ParityError(RuntimeError):
         super().__init__(
             f"ONNX/torch parity check failed{target}: max |diff| = {self.max_abs_diff:.3e} "
             f"exceeds atol = {self.atol:.3e}"
+        )
+
+
+class IndexParityError(ParityError):
+    """ONNX Runtime picked different VQ codes than torch beyond exact ties."""
+
+    def __init__(self, mismatches: int, ties: int, total: int, where: str = ""):
+        self.max_abs_diff, self.atol = float("inf"), 0.0
+        self.mismatches, self.ties, self.total = mismatches, ties, total
+        target = f" for {where}" if where else ""
+        RuntimeError.__init__(
+            self,
+            f"ONNX/torch parity check failed{target}: {mismatches} of {total} code indices differ "
+            f"({ties} of them exact ties, {mismatches - ties} not)",
         )
 
 
@@ -53,24 +80,93 @@ def compare_outputs(
 
 
 def torch_reference(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
-    """Posterior (mean, logvar) from the torch model as float32 numpy arrays."""
+    """The export wrapper's outputs from the torch model, as numpy (KL: float32 mean/logvar)."""
     device = next(model.parameters()).device
-    wrapper = EncoderForExport(model).eval()
     with torch.no_grad():
-        outputs = wrapper(images.to(device))
-    return {n: t.detach().float().cpu().numpy() for n, t in zip(OUTPUT_NAMES, outputs, strict=True)}
+        outputs = export_wrapper(model)(images.to(device))
+    arrays = [t.detach().cpu().numpy() for t in outputs]
+    if not is_vq(model):
+        arrays = [a.astype(np.float32) for a in arrays]
+    return dict(zip(output_names(model), arrays, strict=True))
+
+
+def _code_distances(model: nn.Module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(flat pre-quantisation latents [P, C], codebook [K, C]) in float64, as the quantizer sees
+    them (unit rows for cosine distance)."""
+    quantizer = model.quantize
+    with torch.no_grad():
+        z = model.quant_conv(model.encoder(images.to(next(model.parameters()).device)))
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+        if quantizer.config.distance == "cosine":
+            flat = torch.nn.functional.normalize(flat, dim=1)
+        codes = quantizer.codes().detach().double()
+    return flat.cpu().numpy(), codes.cpu().numpy()
+
+
+def count_index_ties(
+    model: nn.Module, images: torch.Tensor, ref: np.ndarray, got: np.ndarray
+) -> tuple[int, int]:
+    """(mismatched positions, of which exact ties) between torch ``ref`` and ORT ``got`` indices."""
+    mismatch = (ref != got).reshape(-1)
+    if not mismatch.any():
+        return 0, 0
+    flat, codes = _code_distances(model, images)
+    x = flat[mismatch]
+    c_ref, c_got = codes[ref.reshape(-1)[mismatch]], codes[got.reshape(-1)[mismatch]]
+    gap = np.abs(((x - c_got) ** 2).sum(1) - ((x - c_ref) ** 2).sum(1))
+    scale = (x**2).sum(1) + (c_ref**2).sum(1)
+    return int(mismatch.sum()), int((gap <= TIE_RTOL * scale).sum())
+
+
+def compare_vq_outputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    atol: float,
+    where: str = "",
+) -> dict[str, Any]:
+    """Check VQ outputs (see module docstring); returns the figures recorded in the sidecar."""
+    ref, got = reference["indices"], candidate["indices"]
+    if got.shape != ref.shape or got.dtype != np.int64:
+        raise ParityError(float("inf"), 0.0, f"indices {got.dtype}{got.shape} != int64{ref.shape}")
+    mismatches, ties = count_index_ties(model, images, ref, got)
+    if mismatches > ties:
+        raise IndexParityError(mismatches, ties, ref.size, where)
+    codes = model.quantize.codes().detach().float().cpu().numpy()
+    lookup = np.moveaxis(codes[got], -1, 1)  # [N, h, w, C] -> [N, C, h, w]
+    diff = compare_outputs(
+        {"quantized": lookup}, {"quantized": candidate["quantized"]}, atol, where
+    )
+    return {
+        "max_abs_diff": diff,
+        "indices_compared": int(ref.size),
+        "index_mismatches": mismatches,
+        "index_ties": ties,
+        "tie_rtol": TIE_RTOL,
+    }
+
+
+def parity_report(
+    onnx_path: str, model: nn.Module, resolution: int, batch: int, atol: float, seed: int = 0
+) -> dict[str, Any]:
+    """Run both on a seeded random batch in [-1, 1]; return {"max_abs_diff", ...} or raise."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, resolution, resolution, generator=gen) * 2.0 - 1.0
+    reference = torch_reference(model, images)
+    names = list(output_names(model))
+    session = make_session(onnx_path, device="cpu")
+    candidate = dict(zip(names, session.run(names, {INPUT_NAME: images.numpy()}), strict=True))
+    if is_vq(model):
+        report = compare_vq_outputs(model, images, reference, candidate, atol, onnx_path)
+    else:
+        report = {"max_abs_diff": compare_outputs(reference, candidate, atol, onnx_path)}
+    log.info("parity %s: %s (atol %.1e, batch %d)", onnx_path, report, atol, batch)
+    return report
 
 
 def check_parity(
     onnx_path: str, model: nn.Module, resolution: int, batch: int, atol: float, seed: int = 0
 ) -> float:
-    """Run both on a seeded random batch in [-1, 1]; return max abs diff or raise ParityError."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, resolution, resolution, generator=gen) * 2.0 - 1.0
-    reference = torch_reference(model, images)
-    session = make_session(onnx_path, device="cpu")
-    ort_out = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
-    candidate = dict(zip(OUTPUT_NAMES, ort_out, strict=True))
-    diff = compare_outputs(reference, candidate, atol, onnx_path)
-    log.info("parity %s: max |diff| %.3e (atol %.1e, batch %d)", onnx_path, diff, atol, batch)
-    return diff
+    """Like :func:`parity_report` but returns only the max abs diff (float outputs)."""
+    return parity_report(onnx_path, model, resolution, batch, atol, seed)["max_abs_diff"]

@@ -2,6 +2,12 @@
 
 The sidecar lives beside the ONNX file with the same stem and pins the ONNX bytes by sha256, so a
 swapped or partially copied model is detected before any latents are produced with it.
+
+VQ encoders (``model_kind: "vq"``) add the codebook: ``codebook.npy`` beside the ONNX file
+(float32 [num_codes, code_dim], exactly what the quantizer looks codes up in), pinned by
+``codebook_sha256``, plus ``num_codes``, ``code_dim``, ``distance``, ``index_shape`` and the
+``index_dtype`` the encode job stores indices as. ``latent_shape`` and the scaling/shift factors
+then describe the *quantized* latents (the codebook lookup), which is what diffusion consumes.
 """
 
 from __future__ import annotations
@@ -46,6 +52,42 @@ def latentpipe_version() -> str:
         return "unknown"
 
 
+def index_dtype(num_codes: int) -> str:
+    """Smallest stored dtype for code indices: uint16 holds 0..65535, i.e. up to 65536 codes."""
+    return "uint16" if num_codes <= 65536 else "int32"
+
+
+def codebook_url(onnx_path: str, sidecar: dict[str, Any]) -> str:
+    """Path/URL of the sidecar's ``codebook_file`` (it sits beside the ONNX file)."""
+    return posixpath.join(posixpath.dirname(onnx_path), sidecar["codebook_file"])
+
+
+def vq_fields(
+    codebook_file: str, codebook_sha256: str, num_codes: int, code_dim: int, distance: str
+) -> dict[str, Any]:
+    """The VQ part of a sidecar (pass to ``build_sidecar(vq=...)``)."""
+    return {
+        "num_codes": int(num_codes),
+        "code_dim": int(code_dim),
+        "distance": distance,
+        "index_dtype": index_dtype(num_codes),
+        "codebook_file": codebook_file,
+        "codebook_sha256": codebook_sha256,
+    }
+
+
+def _outputs(shape: list[int], vq: dict[str, Any] | None) -> dict[str, Any]:
+    """Graph outputs as ``{name: [None, *dims]}`` (None = dynamic batch)."""
+    if vq is None:
+        return {"outputs": {"mean": [None, *shape], "logvar": [None, *shape]}}
+    return {
+        "outputs": {"indices": [None, *shape[1:]], "quantized": [None, *shape]},
+        "output_dtypes": {"indices": "int64", "quantized": "float32"},
+        "index_shape": list(shape[1:]),
+        **vq,
+    }
+
+
 def _latent_shape(latent_channels: int, resolution: int, factor: int) -> list[int]:
     return [latent_channels, resolution // factor, resolution // factor]
 
@@ -63,9 +105,11 @@ def build_sidecar(
     parity: dict[str, Any],
     checkpoint: dict[str, Any],
     declared_scale: dict[str, float] | None = None,
+    vq: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the sidecar dict (schema version 1); ``latent_stats`` has mean, std, samples, source.
 
+    ``vq`` (from :func:`vq_fields`) marks a VQ encoder: its outputs are indices + quantized.
     ``declared_scale`` ({"scaling_factor", "shift_factor"}) overrides the measured factors: a
     pretrained model's diffusion counterpart was trained with the published ones.
     """
@@ -93,7 +137,7 @@ def build_sidecar(
             "resize": RESIZE_MODE,
             "normalization": {"scale": 127.5, "offset": -1.0, "range": [-1.0, 1.0]},
         },
-        "outputs": {"mean": [None, *shape], "logvar": [None, *shape]},
+        **_outputs(shape, vq),
         "downsample_factor": downsample_factor,
         "latent_channels": latent_channels,
         "latent_shape": shape,
@@ -151,14 +195,26 @@ def load_sidecar(onnx_path: str, verify_hash: bool = True) -> dict[str, Any]:
     for key in ("onnx_sha256", "input", "latent_shape", "scaling_factor", "shift_factor"):
         if key not in data:
             raise SidecarError(f"{path}: missing required key {key!r}")
+    if data.get("model_kind") == "vq":
+        for key in ("num_codes", "code_dim", "index_dtype", "codebook_file", "codebook_sha256"):
+            if key not in data:
+                raise SidecarError(f"{path}: VQ sidecar is missing required key {key!r}")
+        if posixpath.basename(data["codebook_file"]) != data["codebook_file"]:
+            raise SidecarError(f"{path}: codebook_file must be a plain file name beside the .onnx")
     if verify_hash:
-        try:
-            actual = file_sha256(onnx_path)
-        except FileNotFoundError:
-            raise SidecarError(f"ONNX file not found: {onnx_path} (sidecar {path})") from None
-        if actual != data["onnx_sha256"]:
-            raise SidecarError(
-                f"sha256 of {onnx_path} is {actual} but sidecar {path} records "
-                f"{data['onnx_sha256']}: the model file was changed or replaced"
-            )
+        _verify(onnx_path, data["onnx_sha256"], path, "ONNX")
+        if data.get("model_kind") == "vq":
+            _verify(codebook_url(onnx_path, data), data["codebook_sha256"], path, "codebook")
     return data
+
+
+def _verify(url: str, expected: str, sidecar: str, what: str) -> None:
+    try:
+        actual = file_sha256(url)
+    except FileNotFoundError:
+        raise SidecarError(f"{what} file not found: {url} (sidecar {sidecar})") from None
+    if actual != expected:
+        raise SidecarError(
+            f"sha256 of {url} is {actual} but sidecar {sidecar} records "
+            f"{expected}: the {what} file was changed or replaced"
+        )

@@ -1,4 +1,8 @@
-"""Estimate the latent scale/shift (SD-style ``scaling_factor``/``shift_factor``) from real images."""
+"""Estimate the latent scale/shift (SD-style ``scaling_factor``/``shift_factor``) from real images.
+
+KL models: statistics of the posterior means. VQ models: statistics of the quantized latents (the
+codebook lookup), which is what LDM's diffusion on VQ latents is trained on.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.models.vq import VQAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +33,22 @@ def _batches(images: Iterable[np.ndarray], size: int) -> Iterable[torch.Tensor]:
         yield torch.from_numpy(np.stack(buf))
 
 
+def encoder_latents(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the stored latents stand for: quantized latents (VQ) or posterior means (KL)."""
+    if isinstance(model, VQAutoencoder):  # export_forward -> (indices, quantized)
+        return model.export_forward(images)[1]
+    return model.encode(images).mean
+
+
 def latent_moments(model: nn.Module, images: Iterable[np.ndarray]) -> tuple[float, float, int]:
-    """(mean, std, n_images) over every element of the posterior means of uint8 HWC ``images``."""
+    """(mean, std, n_images) over every element of the latents of uint8 HWC ``images``."""
     device = next(model.parameters()).device
     total = total_sq = 0.0
     count = n_images = 0
     model.eval()
     with torch.no_grad():
         for batch in _batches(images, BATCH):
-            mean = model.encode(batch.to(device)).mean.double()
+            mean = encoder_latents(model, batch.to(device)).double()
             # float64 sums: SD-sized latents over thousands of images lose precision in float32.
             total += float(mean.sum())
             total_sq += float(mean.pow(2).sum())
@@ -67,6 +80,6 @@ def estimate_latent_stats_counted(
     if n == 0:
         raise ValueError(f"no decodable images found for latent statistics in {urls}")
     if std <= 0.0:
-        raise ValueError(f"posterior means have zero variance over {n} images from {urls}")
+        raise ValueError(f"latents have zero variance over {n} images from {urls}")
     log.info("latent stats over %d images: mean %.4f std %.4f", n, mean, std)
     return mean, std, n

@@ -42,3 +42,20 @@ def tiny_encoder(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("encoder")
     export_model(model, str(out), resolution=16, scale_samples=0)
     return str(out / "encoder.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_encoder(tmp_path_factory) -> str:
+    """Export an untrained f2 VQ autoencoder (64 codes of dim 4) at 16 px; returns encoder.onnx."""
+    import torch
+
+    from pipeline.export import export_model
+    from pipeline.models import ModelConfig, VQConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        kind="vq", ch=8, ch_mult=[1, 2], z_channels=4, groups=4, vq=VQConfig(num_codes=64)
+    )
+    out = tmp_path_factory.mktemp("vq_encoder")
+    export_model(build_model(cfg), str(out), resolution=16, scale_samples=0)
+    return str(out / "encoder.onnx")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -233,3 +234,111 @@ def test_unschedulable_config_fails_fast(
     with pytest.raises(ValueError, match=message):
         encode_corpus(cfg)
     assert not (out / "manifest.json").exists()
+
+
+# ---- VQ encoders: code indices stored as uint16, statistics on their codebook lookup ---------
+
+
+@pytest.fixture(scope="module")
+def vq_encoded(ray_local, corpus, tiny_vq_encoder, tmp_path_factory) -> dict:
+    out = str(tmp_path_factory.mktemp("vq_latents"))
+    cfg = EncodeConfig(
+        input=corpus["dir"], output=out, encoder=tiny_vq_encoder, batch_size=4, samples_per_shard=4
+    )
+    return {"dir": out, "manifest": encode_corpus(cfg)}
+
+
+def test_vq_exactly_once_and_rejects_as_kl(corpus, encoded, vq_encoded):
+    keys = [k for k, _, _ in iter_latents(vq_encoded["dir"])]
+    assert len(keys) == len(set(keys)) and set(keys) == corpus["good"]
+
+    def reasons(directory):  # object addresses in PIL's messages differ from run to run
+        rejects = read_rejects(directory)
+        return sorted(
+            (str(r["key"]), r["shard"], re.sub(" at 0x[0-9a-f]+", "", r["reason"])) for r in rejects
+        )
+
+    assert reasons(vq_encoded["dir"]) == reasons(encoded["dir"])
+
+
+def test_vq_manifest_fields_and_stats_on_lookup(vq_encoded, tiny_vq_encoder):
+    from pipeline.encode import load_manifest_codebook, lookup_codebook
+    from pipeline.export import file_sha256, load_sidecar
+
+    manifest = load_manifest(vq_encoded["dir"])
+    sidecar = load_sidecar(tiny_vq_encoder)
+    assert manifest["latent"] == {
+        "field": "indices.npy",
+        "shape": [8, 8],
+        "dtype": "uint16",
+        "kind": "vq_indices",
+        "num_codes": 64,
+        "code_dim": 4,
+        "lookup_shape": [4, 8, 8],
+        "codebook_file": "codebook.npy",
+        "codebook_sha256": sidecar["codebook_sha256"],
+    }
+    # The corpus carries its own copy of the codebook, byte-identical to the encoder's.
+    assert (
+        file_sha256(os.path.join(vq_encoded["dir"], "codebook.npy")) == sidecar["codebook_sha256"]
+    )
+    assert manifest["samples"] == 11 and manifest["rejects"] == 5
+    codebook = load_manifest_codebook(vq_encoded["dir"])
+    indices = np.stack([idx for _, idx, _ in iter_latents(vq_encoded["dir"])])
+    assert indices.dtype == np.uint16 and indices.shape == (11, 8, 8)
+    quantized = lookup_codebook(indices, codebook).astype(np.float64)
+    assert quantized.shape == (11, 4, 8, 8)
+    np.testing.assert_allclose(manifest["channel_mean"], quantized.mean(axis=(0, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(manifest["channel_std"], quantized.std(axis=(0, 2, 3)), rtol=1e-6)
+    assert manifest["scaling_factor"] == pytest.approx(1 / quantized.std(), rel=1e-6)
+    assert manifest["shift_factor"] == pytest.approx(quantized.mean(), abs=1e-6)
+    counts = np.bincount(indices.ravel(), minlength=64)
+    usage = manifest["code_usage"]
+    assert usage["codes_used"] == int((counts > 0).sum()) and usage["indices"] == indices.size
+    assert usage["usage"] == pytest.approx(usage["codes_used"] / 64)
+    assert 1.0 <= usage["perplexity"] <= usage["codes_used"]
+
+
+def test_vq_lookup_equals_onnx_quantized(corpus, vq_encoded, tiny_vq_encoder):
+    from pipeline.encode import load_manifest_codebook, lookup_codebook
+
+    session = make_session(tiny_vq_encoder, "cpu")
+    codebook = load_manifest_codebook(vq_encoded["dir"])
+    for key, indices, _ in iter_latents(vq_encoded["dir"]):
+        files = corpus["samples"][key]
+        image_ext = "png" if "png" in files else "jpg"
+        x = normalize(resize_center_crop(decode_image(files[image_ext]), 16))[None]
+        onnx_indices, quantized = session.run(["indices", "quantized"], {"image": x})
+        np.testing.assert_array_equal(indices, onnx_indices[0])
+        np.testing.assert_array_equal(lookup_codebook(indices, codebook), quantized[0])
+
+
+def test_vq_indices_read_back_with_webdataset_as_uint16(vq_encoded):
+    import webdataset as wds
+
+    urls = [os.path.join(vq_encoded["dir"], s["name"]) for s in vq_encoded["manifest"]["shards"]]
+    rows = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert len(rows) == 11
+    stored = {k: idx for k, idx, _ in iter_latents(vq_encoded["dir"])}
+    for row in rows:
+        assert row["indices.npy"].dtype == np.uint16 and row["indices.npy"].shape == (8, 8)
+        np.testing.assert_array_equal(row["indices.npy"], stored[row["__key__"]])
+        assert "latent.npy" not in row
+
+
+def test_vq_tampered_codebook_refused(corpus, tiny_vq_encoder, tmp_path):
+    from pipeline.export import SidecarError
+
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    src = os.path.dirname(tiny_vq_encoder)
+    for name in ("encoder.onnx", "encoder.json", "codebook.npy"):
+        (enc / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    codebook = np.load(enc / "codebook.npy")
+    np.save(enc / "codebook.npy", codebook[::-1].copy())  # same shape, other codes
+    cfg = EncodeConfig(
+        input=corpus["dir"], output=str(tmp_path / "out"), encoder=str(enc / "encoder.onnx")
+    )
+    with pytest.raises(SidecarError, match="codebook"):
+        encode_corpus(cfg)
+    assert not (tmp_path / "out" / "manifest.json").exists()

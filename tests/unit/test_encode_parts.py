@@ -117,3 +117,56 @@ def test_expected_total_from_index(tmp_path):
     other.mkdir()
     (other / "index.json").write_text(json.dumps({"shards": [{"name": "a.tar", "samples": 5}]}))
     assert expected_total([str(tmp_path / "a.tar"), str(other / "a.tar")]) == 8
+
+
+def test_lookup_codebook_shapes_and_range():
+    from pipeline.encode.latents import lookup_codebook
+
+    codebook = np.arange(12, dtype=np.float32).reshape(4, 3)  # 4 codes of dim 3
+    indices = np.array([[0, 3], [2, 1]], dtype=np.uint16)
+    out = lookup_codebook(indices, codebook)
+    assert out.shape == (3, 2, 2) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0, 1], codebook[3])
+    batched = lookup_codebook(np.stack([indices, indices[::-1]]), codebook)
+    assert batched.shape == (2, 3, 2, 2)
+    np.testing.assert_array_equal(batched[1, :, 0, 0], codebook[2])
+    with pytest.raises(ValueError, match="4 codes"):
+        lookup_codebook(np.array([[4]], dtype=np.uint16), codebook)
+    with pytest.raises(TypeError):
+        lookup_codebook(indices.astype(np.float32), codebook)
+
+
+def test_load_codebook_checks_hash_and_shape(tmp_path):
+    import hashlib
+
+    from pipeline.encode.latents import load_codebook
+
+    path = tmp_path / "codebook.npy"
+    path.write_bytes(encode_npy(np.ones((4, 2), np.float32)))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_codebook(str(path), digest).shape == (4, 2)
+    with pytest.raises(ValueError, match="sha256"):
+        load_codebook(str(path), "0" * 64)
+    path.write_bytes(encode_npy(np.ones(4, np.float64)))
+    with pytest.raises(ValueError, match="float32"):
+        load_codebook(str(path))
+
+
+def test_code_usage_summary():
+    from pipeline.encode.stats import CodeUsage
+
+    usage = CodeUsage(8)
+    assert usage.summary()["perplexity"] == 0.0
+    usage.update(np.array([[0, 1], [2, 3]], dtype=np.uint16))
+    usage.update(np.zeros((0, 2, 2), dtype=np.uint16))
+    summary = usage.summary()
+    assert summary["codes_used"] == 4 and summary["usage"] == 0.5 and summary["indices"] == 4
+    assert summary["perplexity"] == pytest.approx(4.0)  # uniform over 4 codes
+
+
+def test_encoder_output_by_model_kind():
+    from pipeline.encode.stages import encoder_output
+
+    assert encoder_output({"latent_shape": [4, 8, 8]}) == ("mean", (4, 8, 8), "float32")
+    vq = {"latent_shape": [4, 8, 8], "model_kind": "vq", "index_dtype": "uint16"}
+    assert encoder_output(vq) == ("indices", (8, 8), "uint16")

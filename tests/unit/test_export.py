@@ -221,3 +221,145 @@ def test_export_config_is_structured():
 
     cfg = OmegaConf.merge(OmegaConf.structured(ExportConfig), {"checkpoint": "c", "output": "o"})
     assert OmegaConf.to_object(cfg).opset == 17
+
+
+# ---- VQ encoders: indices + quantized, codebook.npy pinned by the sidecar ------------------
+
+
+def _tiny_vq(distance: str = "l2"):
+    from pipeline.models import VQConfig
+
+    torch.manual_seed(0)
+    vq = VQConfig(num_codes=32, code_dim=4, distance=distance)
+    cfg = ModelConfig(kind="vq", ch=8, ch_mult=[1, 2, 2], z_channels=4, groups=4, vq=vq)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def vq_model():
+    return _tiny_vq()
+
+
+@pytest.fixture(scope="module")
+def vq_exported(vq_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vq_enc")
+    return out, export_model(vq_model, str(out), RES, parity_batch=2)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_vq_onnx_indices_equal_torch(vq_model, vq_exported, batch):
+    sess = make_session(str(vq_exported[0] / "encoder.onnx"), device="cpu")
+    assert [o.name for o in sess.get_outputs()] == ["indices", "quantized"]
+    assert sess.get_outputs()[0].shape == ["batch", 4, 4]  # 3-D indices output pinned
+    assert sess.get_outputs()[1].shape == ["batch", 4, 4, 4]
+    image = torch.rand(batch, 3, RES, RES, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    with torch.no_grad():
+        ref_idx, ref_q = vq_model.export_forward(image)
+    idx, quantized = sess.run(None, {"image": image.numpy()})
+    assert idx.dtype == np.int64 and idx.shape == (batch, 4, 4)
+    np.testing.assert_array_equal(idx, ref_idx.numpy())
+    np.testing.assert_allclose(quantized, ref_q.numpy(), atol=1e-6)
+
+
+def test_vq_sidecar_and_codebook(vq_model, vq_exported):
+    from pipeline.export import file_sha256
+
+    out, sidecar = vq_exported
+    assert sorted(os.listdir(out)) == ["codebook.npy", "encoder.json", "encoder.onnx"]
+    loaded = load_sidecar(str(out / "encoder.onnx"))
+    assert loaded == json.loads(json.dumps(sidecar))
+    assert loaded["model_kind"] == "vq" and loaded["distance"] == "l2"
+    assert (loaded["num_codes"], loaded["code_dim"], loaded["index_dtype"]) == (32, 4, "uint16")
+    assert loaded["outputs"] == {"indices": [None, 4, 4], "quantized": [None, 4, 4, 4]}
+    assert loaded["output_dtypes"] == {"indices": "int64", "quantized": "float32"}
+    assert loaded["latent_shape"] == [4, 4, 4] and loaded["index_shape"] == [4, 4]
+    assert loaded["codebook_file"] == "codebook.npy"
+    assert loaded["codebook_sha256"] == file_sha256(str(out / "codebook.npy"))
+    codebook = np.load(out / "codebook.npy")
+    assert codebook.dtype == np.float32
+    np.testing.assert_array_equal(codebook, vq_model.quantize.codes().numpy())
+    parity = loaded["parity"]
+    assert parity["index_mismatches"] == 0 and parity["indices_compared"] == 2 * 16
+    assert parity["max_abs_diff"] <= parity["atol"]
+
+
+def test_vq_codebook_tamper_detected(vq_exported, tmp_path):
+    out, _ = vq_exported
+    for name in ("encoder.onnx", "encoder.json", "codebook.npy"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    onnx_path = str(tmp_path / "encoder.onnx")
+    assert load_sidecar(onnx_path)["model_kind"] == "vq"
+    codebook = np.load(tmp_path / "codebook.npy")
+    codebook[0, 0] += 1e-3
+    np.save(tmp_path / "codebook.npy", codebook)
+    with pytest.raises(SidecarError, match="codebook file was changed"):
+        load_sidecar(onnx_path)
+    (tmp_path / "codebook.npy").unlink()
+    with pytest.raises(SidecarError, match="codebook file not found"):
+        load_sidecar(onnx_path)
+    assert load_sidecar(onnx_path, verify_hash=False)["num_codes"] == 32
+
+
+def test_vq_index_dtype_boundary():
+    from pipeline.export import index_dtype
+
+    assert index_dtype(256) == index_dtype(65536) == "uint16"
+    assert index_dtype(65537) == "int32"
+
+
+def test_vq_parity_ties_and_real_mismatches():
+    from pipeline.export import IndexParityError
+    from pipeline.export.parity import compare_vq_outputs, torch_reference
+
+    model = _tiny_vq()
+    with torch.no_grad():  # code 31 duplicates code 0: every latent is equidistant from both
+        model.quantize.codebook[31] = model.quantize.codebook[0]
+    images = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref = torch_reference(model, images)
+    ref["indices"].reshape(-1)[0] = 0  # say torch chose code 0 here ...
+    ref["quantized"][0, :, 0, 0] = model.quantize.codes()[0].numpy()
+    tie = {k: v.copy() for k, v in ref.items()}
+    tie["indices"].reshape(-1)[0] = 31  # ... and ORT its duplicate: an exact tie, accepted
+    report = compare_vq_outputs(model, images, ref, tie, atol=1e-4)
+    assert (report["index_mismatches"], report["index_ties"]) == (1, 1)
+    codes = model.quantize.codes()
+    far = {k: v.copy() for k, v in ref.items()}
+    first = int(ref["indices"].reshape(-1)[1])
+    far["indices"].reshape(-1)[1] = int(((codes - codes[first]) ** 2).sum(1).argmax())
+    with pytest.raises(IndexParityError, match="1 of 32 code indices differ"):
+        compare_vq_outputs(model, images, ref, far, atol=1e-4)
+
+
+def test_vq_drifted_model_fails_parity(vq_model, tmp_path):
+    path = str(tmp_path / "e.onnx")
+    export_encoder_onnx(vq_model, RES, path)
+    drifted = build_model(vq_model.config).eval()
+    drifted.load_state_dict(vq_model.state_dict())
+    with torch.no_grad():
+        drifted.quantize.codebook.mul_(-1.0)
+    with pytest.raises(ParityError):
+        check_parity(path, drifted, RES, batch=2, atol=1e-4)
+
+
+def test_vq_cosine_export_stores_unit_codes(tmp_path):
+    model = _tiny_vq("cosine")
+    with torch.no_grad():
+        model.quantize.codebook.mul_(3.0)  # stored rows not unit: lookup normalises them
+    sidecar = export_model(model, str(tmp_path), RES, parity_batch=2)
+    codebook = np.load(tmp_path / "codebook.npy")
+    np.testing.assert_allclose(np.linalg.norm(codebook, axis=1), 1.0, rtol=1e-6)
+    assert sidecar["distance"] == "cosine" and sidecar["parity"]["index_mismatches"] == 0
+
+
+def test_vq_latent_moments_use_quantized(vq_model):
+    from pipeline.export.stats import latent_moments
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for _ in range(3)]
+    mean, std, n = latent_moments(vq_model, images)
+    x = torch.from_numpy(np.stack([im.transpose(2, 0, 1) for im in images])).float()
+    with torch.no_grad():
+        ref = vq_model.export_forward(x / 127.5 - 1.0)[1].double()
+    assert n == 3
+    assert mean == pytest.approx(ref.mean().item(), abs=1e-6)
+    assert std == pytest.approx(ref.std(unbiased=False).item(), rel=1e-5)

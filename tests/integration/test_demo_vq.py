@@ -1,0 +1,73 @@
+"""`latentpipe demo configs/demo-vq.yaml` end to end (a short schedule): a small VQ-VAE whose
+latent shards hold uint16 code indices, decoded back through the corpus's codebook."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_summary(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("demo_vq") / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "demo",
+            str(ROOT / "configs" / "demo-vq.yaml"),
+            f"workdir={workdir}",
+            "train.steps=30",
+            "train.log_every=10",
+            "train.checkpoint_every=30",
+            "data.resolution=32",
+            "shards.tile_size=48",
+            "shards.tile_stride=48",
+            "export.scale_samples=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def test_summary_reports_codebook_usage_and_perplexity(demo_summary):
+    for key in ("checkpoint", "onnx", "sidecar", "latents", "manifest", "report", "grid"):
+        assert Path(demo_summary[key]).exists(), key
+    assert demo_summary["model_kind"] == "vq" and demo_summary["rejects"] == 0
+    assert demo_summary["psnr_db"] > 10
+    book = demo_summary["codebook"]
+    assert book["num_codes"] == 256
+    assert 0 < book["train_usage"] <= 1 and book["train_perplexity"] >= 1
+    assert 0 < book["corpus_usage"] <= 1 and book["corpus_codes_used"] == round(
+        book["corpus_usage"] * 256
+    )
+    assert 1 <= book["corpus_perplexity"] <= book["corpus_codes_used"]
+
+
+def test_latent_shards_hold_uint16_indices(demo_summary):
+    from pipeline.encode import load_manifest_codebook, lookup_codebook
+
+    manifest = json.loads(Path(demo_summary["manifest"]).read_text())
+    assert manifest["latent"]["kind"] == "vq_indices" and manifest["latent"]["dtype"] == "uint16"
+    codebook = load_manifest_codebook(demo_summary["latents"])
+    urls = [str(Path(demo_summary["latents"]) / s["name"]) for s in manifest["shards"]]
+    keys = []
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        indices = sample["indices.npy"]
+        assert indices.dtype == np.uint16 and list(indices.shape) == manifest["latent"]["shape"]
+        assert list(lookup_codebook(indices, codebook).shape) == manifest["latent"]["lookup_shape"]
+        keys.append(sample["__key__"])
+    assert len(keys) == len(set(keys)) == manifest["samples"]
+    assert manifest["scaling_factor"] > 0
