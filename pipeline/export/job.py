@@ -18,6 +18,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from pipeline.config import save_resolved_config
+from pipeline.evaluate.quality import read_eval
 from pipeline.export.onnx_export import export_encoder_onnx, is_vq
 from pipeline.export.parity import parity_report
 from pipeline.export.sidecar import build_sidecar, file_sha256, vq_fields, write_sidecar
@@ -81,6 +82,7 @@ def export_model(
     scale_samples: int = 0,
     checkpoint: dict[str, Any] | None = None,
     stats_device: str = "cpu",
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s encoder to ``{output}/encoder.onnx`` + sidecar; return the sidecar.
 
@@ -113,6 +115,8 @@ def export_model(
             checkpoint=checkpoint or {"path": None, "step": None},
             vq=vq,
         )
+        if quality:  # held-out figures of the checkpoint (PSNR/SSIM, nats), from training
+            sidecar["quality"] = quality
         sidecar_local = write_sidecar(os.path.join(tmp, SIDECAR_NAME), sidecar)
         extra = [os.path.join(tmp, CODEBOOK_NAME)] if vq else []
         _publish([*extra, onnx_path, sidecar_local], output)
@@ -187,6 +191,7 @@ def export_from_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
         scale_samples=cfg.scale_samples,
         checkpoint={"path": cfg.checkpoint, "step": _checkpoint_step(cfg.checkpoint)},
         stats_device=cfg.device,
+        quality=read_eval(cfg.checkpoint),
     )
     save_resolved_config(cfg, cfg.output, "export-config.yaml")
     return sidecar

@@ -25,6 +25,10 @@ class TrainConfig:
     cpus_per_worker: int = 1
     max_failures: int = 0  # Ray Train restarts of the worker group on failure
     seed: int = 0
+    # After the last step, on data.val_shards (skipped without them): PSNR/SSIM for
+    # autoencoders, negative ELBO and IWAE NLL for the textbook VAEs.
+    eval_images: int = 256
+    iwae_k: int = 100  # importance samples per image for the IWAE estimate of -log p(x)
 
 
 @dataclass

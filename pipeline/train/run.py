@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import save_resolved_config, to_dict
 from pipeline.data.urls import absolute_spec, expand_shard_urls
-from pipeline.train.checkpoint import latest_checkpoint
+from pipeline.train.checkpoint import latest_checkpoint, read_state
 from pipeline.train.config import TrainRunConfig, run_dir
 from pipeline.train.loop import WorkerContext, run_loop
 
@@ -38,7 +38,22 @@ def train(cfg: TrainRunConfig) -> dict:
     else:
         metrics, checkpoint = _fit_with_ray(cfg)
     log.info("training done: checkpoint %s", checkpoint)
-    return {"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics}
+    result = {"run_dir": directory, "checkpoint": checkpoint, "metrics": metrics}
+    if checkpoint and cfg.train.eval_images > 0:
+        result["eval"] = _evaluate(checkpoint, cfg, directory)
+    return result
+
+
+def _evaluate(checkpoint: str, cfg: TrainRunConfig, directory: str) -> dict | None:
+    """Held-out figures of the final checkpoint, also appended to the run's metrics.jsonl."""
+    from pipeline.evaluate.quality import evaluate_checkpoint
+    from pipeline.train.loop import MetricsLog
+
+    figures = evaluate_checkpoint(checkpoint, cfg.train.eval_images, cfg.train.iwae_k)
+    if figures is not None:
+        step = read_state(checkpoint)["step"]
+        MetricsLog(directory).write({"step": step, "eval": figures})
+    return figures
 
 
 def _with_absolute_paths(cfg: TrainRunConfig) -> TrainRunConfig:

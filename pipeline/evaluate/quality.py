@@ -1,0 +1,155 @@
+"""End-of-training evaluation on held-out shards, for every model family.
+
+- KL and VQ autoencoders: PSNR and SSIM of reconstructions (torchmetrics' implementations),
+  plus codebook usage and perplexity for VQ.
+- Textbook VAEs: negative ELBO and the importance-weighted estimate of -log p(x) (k samples)
+  in nats per image, and both in bits per dimension.
+
+`evaluate_checkpoint` is what the trainer calls after the last step; the figures go into the
+run's metrics.jsonl and into `eval.json` beside the checkpoint, from where export copies them
+into the encoder's sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import fsspec
+import torch
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+from pipeline.data.reader import DataConfig, ShardImageDataset
+from pipeline.data.urls import expand_shard_urls
+from pipeline.evaluate.likelihood import bits_per_dim, iwae_nll, negative_elbo
+
+log = logging.getLogger("latentpipe.eval")
+
+EVAL_FILE = "eval.json"
+
+
+def held_out_batches(
+    data: DataConfig, limit: int, batch_size: int = 64
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Up to `limit` validation images (and labels) as the model saw data in training."""
+    dataset = ShardImageDataset(
+        expand_shard_urls(data.val_shards),
+        data.resolution,
+        shuffle_buffer=0,  # the same images every time: the figures are comparable across runs
+        channels=data.channels,
+        value_range=data.value_range,
+        label_field=data.label_field,
+    )
+    items = []
+    for item in dataset:
+        items.append(item)
+        if len(items) >= limit:
+            break
+    batches = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        if data.label_field:
+            batches.append(
+                (torch.stack([x for x, _ in chunk]), torch.tensor([y for _, y in chunk]))
+            )
+        else:
+            batches.append((torch.stack(chunk), None))
+    return batches
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, batches, value_range: str) -> dict:
+    """Mean PSNR (dB) and SSIM of deterministic reconstructions, on the [0, 1] scale."""
+    psnr, ssim, count, usage = 0.0, 0.0, 0, []
+    for images, _ in batches:
+        recon, extra = reconstruct(model, images)
+        original, recon = _unit(images, value_range), _unit(recon, value_range).clamp(0, 1)
+        n = len(images)
+        psnr += n * float(peak_signal_noise_ratio(recon, original, data_range=1.0, dim=(1, 2, 3)))
+        ssim += n * float(structural_similarity_index_measure(recon, original, data_range=1.0))
+        count += n
+        if extra is not None:
+            usage.append(extra)
+    metrics = {"psnr_db": round(psnr / count, 3), "ssim": round(ssim / count, 4), "images": count}
+    if usage:
+        indices = torch.cat(usage).flatten()
+        metrics.update(codebook_health(indices, model.num_codes))
+    return metrics
+
+
+def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(reconstruction, code indices or None): the posterior mean for KL, quantised for VQ."""
+    encoded = model.encode(images)
+    if isinstance(encoded, tuple):  # VQ: (z_q, indices, info)
+        return model.decode(encoded[0]), encoded[1]
+    return model.decode(encoded.mean), None
+
+
+def codebook_health(indices: torch.Tensor, num_codes: int) -> dict:
+    """Fraction of codes used and perplexity of the code distribution over `indices`."""
+    counts = torch.bincount(indices, minlength=num_codes).double()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {
+        "codebook_usage": round(float((counts > 0).double().mean()), 4),
+        "perplexity": round(float(entropy.exp()), 2),
+    }
+
+
+def likelihood_metrics(model, batches, iwae_k: int) -> dict:
+    """Negative ELBO and IWAE(k) NLL in nats per image, and in bits per dimension."""
+    images = torch.cat([x for x, _ in batches])
+    labels = None if batches[0][1] is None else torch.cat([y for _, y in batches])
+    dims = images[0].numel()
+    generator = torch.Generator().manual_seed(0)
+    nelbo = negative_elbo(model, images, labels, generator=generator)
+    nll = iwae_nll(model, images, labels, k=iwae_k, generator=generator)
+    return {
+        "nelbo_nats": round(nelbo, 3),
+        f"iwae{iwae_k}_nll_nats": round(nll, 3),
+        "nelbo_bits_per_dim": round(bits_per_dim(nelbo, dims), 4),
+        f"iwae{iwae_k}_bits_per_dim": round(bits_per_dim(nll, dims), 4),
+        "images": len(images),
+    }
+
+
+def evaluate_model(model, data: DataConfig, limit: int, iwae_k: int) -> dict:
+    """The held-out figures of this model's family (see the module docstring)."""
+    model.eval()
+    batches = held_out_batches(data, limit)
+    if not batches:
+        raise ValueError(f"no usable validation images in {data.val_shards}")
+    if hasattr(model, "log_likelihood"):  # the textbook VAEs
+        return likelihood_metrics(model, batches, iwae_k)
+    return reconstruction_metrics(model, batches, data.value_range)
+
+
+def evaluate_checkpoint(checkpoint: str, limit: int, iwae_k: int) -> dict | None:
+    """Evaluate a checkpoint on its run's `data.val_shards` and write `eval.json` beside it.
+
+    Returns None (and says why) when the run has no validation shards.
+    """
+    from pipeline.train.checkpoint import load_model  # evaluate/ is below train/ otherwise
+
+    model, cfg = load_model(checkpoint)
+    if not cfg.data.val_shards:
+        log.info("no data.val_shards: skipping the held-out evaluation")
+        return None
+    metrics = evaluate_model(model, cfg.data, limit, iwae_k)
+    with fsspec.open(f"{checkpoint.rstrip('/')}/{EVAL_FILE}", "w") as f:
+        json.dump(metrics, f, indent=2)
+    log.info("held-out evaluation: %s", metrics)
+    return metrics
+
+
+def read_eval(checkpoint: str) -> dict | None:
+    """`eval.json` of a checkpoint, if it has one."""
+    fs, root = fsspec.core.url_to_fs(f"{checkpoint.rstrip('/')}/{EVAL_FILE}")
+    return json.loads(fs.cat_file(root)) if fs.exists(root) else None
+
+
+def _unit(images: torch.Tensor, value_range: str) -> torch.Tensor:
+    return images if value_range == "unit" else (images + 1) / 2
