@@ -59,3 +59,33 @@ def tiny_vq_encoder(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("vq_encoder")
     export_model(build_model(cfg), str(out), resolution=16, scale_samples=0)
     return str(out / "encoder.onnx")
+
+
+def run_short_demo(workdir, *config_files: str) -> dict:
+    """`latentpipe demo` on a short schedule at 32 px, as a user runs it; its summary.json."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "demo",
+            *config_files,
+            f"workdir={workdir}",
+            "train.steps=30",
+            "train.log_every=10",
+            "train.checkpoint_every=30",
+            "data.resolution=32",
+            "shards.tile_size=48",
+            "shards.tile_stride=48",
+            "export.scale_samples=64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((workdir / "summary.json").read_text())

@@ -1,8 +1,6 @@
 """`latentpipe demo` end to end (a short schedule) and checks on every artifact it names."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,34 +8,14 @@ import onnxruntime as ort
 import pytest
 import webdataset as wds
 
+from tests.integration.conftest import run_short_demo
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def demo_summary(tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("demo") / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "demo",
-            f"workdir={workdir}",
-            "train.steps=30",
-            "train.log_every=10",
-            "train.checkpoint_every=30",
-            "data.resolution=32",
-            "shards.tile_size=48",
-            "shards.tile_stride=48",
-            "export.scale_samples=64",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    return summary
+    return run_short_demo(tmp_path_factory.mktemp("demo") / "out")
 
 
 def test_summary_names_every_artifact(demo_summary):

@@ -2,13 +2,13 @@
 latent shards hold uint16 code indices, decoded back through the corpus's codebook."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+
+from tests.integration.conftest import run_short_demo
 
 pytestmark = pytest.mark.slow
 
@@ -17,29 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def demo_summary(tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("demo_vq") / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "demo",
-            str(ROOT / "configs" / "demo-vq.yaml"),
-            f"workdir={workdir}",
-            "train.steps=30",
-            "train.log_every=10",
-            "train.checkpoint_every=30",
-            "data.resolution=32",
-            "shards.tile_size=48",
-            "shards.tile_stride=48",
-            "export.scale_samples=64",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=420,
+    return run_short_demo(
+        tmp_path_factory.mktemp("demo_vq") / "out", str(ROOT / "configs" / "demo-vq.yaml")
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((workdir / "summary.json").read_text())
 
 
 def test_summary_reports_codebook_usage_and_perplexity(demo_summary):
