@@ -74,6 +74,16 @@ def _commands() -> dict[str, Command]:
 
         return import_diffusers
 
+    def report_schema():
+        from pipeline.report import ReportConfig
+
+        return ReportConfig
+
+    def report_run():
+        from pipeline.report import make_report
+
+        return make_report
+
     def demo_schema():
         from pipeline.demo import DemoConfig
 
@@ -99,6 +109,11 @@ def _commands() -> dict[str, Command]:
         ),
         "import": Command(
             "diffusers AutoencoderKL directory -> latentpipe checkpoint", import_schema, import_run
+        ),
+        "report": Command(
+            "pictures of a run (reconstructions, samples, interpolation, traversal, ...)",
+            report_schema,
+            report_run,
         ),
         "demo": Command("the whole pipeline end to end on embedded Ray", demo_schema, demo_run),
     }

@@ -1,0 +1,157 @@
+"""`latentpipe report run=DIR`: pictures of a trained model, written into ``{run}/report/``.
+
+Loads a checkpoint (default: the run's newest complete one), encodes validation images
+(``data.val_shards``, else ``data.shards``) and writes PNGs named for what they show, plus
+``report.json`` listing them with one-line captions. Everything is deterministic given
+``seed``: the images are read in shard order and the only random draws (prior samples) come
+from a seeded generator, so regenerating gives byte-identical files. Works for local paths and
+fsspec URLs alike.
+
+    python -c "from pipeline.report import ReportConfig, make_report; \\
+               print(make_report(ReportConfig(run='runs/mnist-cvae')))"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import torch
+from omegaconf import MISSING
+
+from pipeline.data.images import BadImageError, find_image_field
+from pipeline.data.reader import DataConfig, parse_label, preprocess
+from pipeline.data.tario import TarSample, TruncatedShardError, iter_tar_samples
+from pipeline.data.urls import expand_shard_urls
+from pipeline.models import build_model
+from pipeline.report import figures
+from pipeline.report.codecs import make_codec
+from pipeline.report.figures import Picture, ValBatch
+from pipeline.train.checkpoint import latest_checkpoint, read_config, read_state
+
+log = logging.getLogger("latentpipe.report")
+
+REPORT_DIR = "report"
+SCATTER_POINTS = 1000  # validation images read for the 2-D scatter / a conditional model
+
+
+@dataclass
+class ReportConfig:
+    run: str = MISSING  # run directory (train.storage_path/train.run_name), path or URL
+    checkpoint: str = ""  # default: the run's latest complete checkpoint
+    images: int = 8  # columns of the image grids
+    seed: int = 0  # seeds the prior samples
+
+
+def make_report(cfg: ReportConfig) -> dict:
+    """Write the pictures and report.json into ``{run}/report/``; return report.json's content."""
+    if cfg.images < 1:
+        raise ValueError(f"images must be >= 1, got {cfg.images}")
+    checkpoint = cfg.checkpoint or latest_checkpoint(cfg.run)
+    if not checkpoint:
+        raise FileNotFoundError(f"no complete checkpoint_* in run directory {cfg.run}")
+    model, data, step = _load(checkpoint)
+    codec = make_codec(model, data.value_range, data.resolution)
+    # More images for the 2-D scatter, and for a conditional model to find an interpolation
+    # pair of one class; the grids use the first `images` of them.
+    many = codec.latent_shape == (2,) or codec.conditional
+    wanted = SCATTER_POINTS if many else max(cfg.images, 2)
+    batch = read_val_batch(data, wanted)
+    with torch.inference_mode():
+        pictures = _pictures(codec, batch, cfg)
+    out_dir = f"{cfg.run.rstrip('/')}/{REPORT_DIR}"
+    report = {
+        "run": cfg.run,
+        "checkpoint": checkpoint,
+        "step": step,
+        "model_kind": model_kind(model, codec),
+        "seed": cfg.seed,
+        "validation_images": int(batch.images.shape[0]),
+        "pictures": [{"file": p.file, "caption": p.caption} for p in pictures if p.png],
+        "skipped": [{"file": p.file, "reason": p.caption} for p in pictures if not p.png],
+    }
+    _write(out_dir, pictures, report)
+    log.info("report: %d pictures in %s", len(report["pictures"]), out_dir)
+    return report
+
+
+def _pictures(codec, batch: ValBatch, cfg: ReportConfig) -> list[Picture]:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    grid_batch = ValBatch(*batch.take(slice(0, cfg.images)), batch.value_range)
+    return [
+        figures.reconstructions(codec, grid_batch, cfg.images),
+        figures.prior_samples(codec, cfg.images, generator),
+        figures.interpolation(codec, batch),
+        figures.traversal(codec, grid_batch),
+        figures.latent_scatter(codec, batch),
+        figures.manifold(codec, grid_batch),
+    ]
+
+
+def model_kind(model: torch.nn.Module, codec) -> str:
+    """The model kind: "kl", "vq", or the classic VAE class name (e.g. "ConditionalVAE")."""
+    return type(model).__name__ if codec.kind == "classic" else codec.kind
+
+
+def _load(checkpoint: str) -> tuple[torch.nn.Module, DataConfig, int]:
+    """(model in eval mode, the run's data config, training step); the state is read once."""
+    run_cfg = read_config(checkpoint)
+    state = read_state(checkpoint)
+    model = build_model(run_cfg.model)
+    model.load_state_dict(state["model"])
+    return model.eval(), run_cfg.data, int(state["step"])
+
+
+def read_val_batch(data: DataConfig, limit: int) -> ValBatch:
+    """Up to `limit` preprocessed validation images in shard order, with labels if all have one.
+
+    Labels come from ``data.label_field``, else from a ``cls`` member when the samples have one
+    (so the scatter of an unconditional model can still be coloured).
+    """
+    images, labels = [], []
+    for sample in _iter_samples(data.val_shards or data.shards):
+        field = find_image_field(sample.files)
+        if field is None:
+            log.warning("report: skipping sample %r: no image field", sample.key)
+            continue
+        try:
+            image = preprocess(
+                sample.files[field], data.resolution, data.channels, data.value_range
+            )
+            label_field = data.label_field or ("cls" if "cls" in sample.files else "")
+            label = parse_label(sample.files, label_field) if label_field else None
+        except BadImageError as err:
+            log.warning("report: skipping sample %r: %s", sample.key, err)
+            continue
+        images.append(image)
+        labels.append(label)
+        if len(images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"no usable validation images in {data.val_shards or data.shards}")
+    have_labels = all(label is not None for label in labels)
+    return ValBatch(
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.long) if have_labels else None,
+        data.value_range,
+    )
+
+
+def _iter_samples(spec: str) -> Iterator[TarSample]:
+    for url in expand_shard_urls(spec):
+        try:
+            yield from iter_tar_samples(url)
+        except TruncatedShardError as err:  # keep what the shard held before the damage
+            log.warning("%s; continuing with the next shard", err)
+
+
+def _write(out_dir: str, pictures: list[Picture], report: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    for picture in pictures:
+        if picture.png:
+            fs.pipe_file(f"{root}/{picture.file}", picture.png)
+    fs.pipe_file(f"{root}/report.json", (json.dumps(report, indent=2) + "\n").encode())
