@@ -89,14 +89,18 @@ def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor |
     return images, None if labels is None else labels.to(device, non_blocking=True)
 
 
+def check_run_config(cfg: TrainRunConfig) -> None:
+    """Combinations of settings the loop cannot run, refused before any worker starts."""
+    if adversarial_enabled(cfg.loss) and cfg.model.kind not in ("kl", "vq"):
+        raise ValueError(
+            f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
+        )
+
+
 def _adversarial_parts(cfg: TrainRunConfig, device: torch.device) -> dict:
     """{"disc", "disc_optimizer"} when loss.disc_start >= 0, else {}."""
     if not adversarial_enabled(cfg.loss):
         return {}
-    if cfg.model.kind not in ("kl", "vq"):
-        raise ValueError(
-            f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
-        )
     disc = build_discriminator(cfg.loss, cfg.model.in_channels).to(device)
     lr = discriminator_lr(cfg.loss, cfg.train.lr)
     return {

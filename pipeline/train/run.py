@@ -20,7 +20,7 @@ from pipeline.config import save_resolved_config, to_dict
 from pipeline.data.urls import absolute_spec, expand_shard_urls
 from pipeline.train.checkpoint import latest_checkpoint, read_state
 from pipeline.train.config import TrainRunConfig, run_dir
-from pipeline.train.loop import WorkerContext, run_loop
+from pipeline.train.loop import WorkerContext, check_run_config, run_loop
 
 log = logging.getLogger("latentpipe.train")
 
@@ -29,6 +29,7 @@ def train(cfg: TrainRunConfig) -> dict:
     """Train (or resume) the run `cfg.train.run_name`; returns its run dir, checkpoint, metrics."""
     cfg = _with_absolute_paths(cfg)
     _check_storage(cfg)
+    check_run_config(cfg)
     expand_shard_urls(cfg.data.shards)  # fail here, with a clear message, not in every worker
     directory = run_dir(cfg.train)
     save_resolved_config(cfg, directory)
