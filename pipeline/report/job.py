@@ -7,8 +7,7 @@ Loads a checkpoint (default: the run's newest complete one), encodes validation 
 from a seeded generator, so regenerating gives byte-identical files. Works for local paths and
 fsspec URLs alike.
 
-    python -c "from pipeline.report import ReportConfig, make_report; \\
-               print(make_report(ReportConfig(run='runs/mnist-cvae')))"
+    latentpipe report run=runs/mnist-cvae [checkpoint=...] [images=8] [seed=0]
 """
 
 from __future__ import annotations
