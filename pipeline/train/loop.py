@@ -45,6 +45,7 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
     """Train until cfg.train.steps, logging and checkpointing; returns the last metrics."""
     from pipeline.train.checkpoint import write_checkpoint
 
+    torch.manual_seed(cfg.train.seed)  # initial weights depend on the seed only, on every rank
     model = build_model(cfg.model).to(ctx.device)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     extra = _adversarial_parts(cfg, ctx.device)
