@@ -7,10 +7,10 @@ JSON. No logic lives here.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, load_config, split_cli_args, to_yaml
@@ -19,104 +19,58 @@ from pipeline.config import ConfigError, load_config, split_cli_args, to_yaml
 @dataclass
 class Command:
     help: str
-    schema: Callable[[], type]  # imported lazily: `latentpipe --help` should not load torch
-    run: Callable[[], Callable]
+    module: str  # imported only when the command runs: `latentpipe --help` must not load torch
+    schema: str  # the command's root config dataclass
+    function: str  # the library function it calls with that config
+
+    def load(self, name: str):
+        return getattr(importlib.import_module(self.module), name)
 
 
-def _commands() -> dict[str, Command]:
-    def shards_schema():
-        from pipeline.data.shards import ShardsConfig
-
-        return ShardsConfig
-
-    def shards_run():
-        from pipeline.data.shards import build_shards
-
-        return build_shards
-
-    def train_schema():
-        from pipeline.train.config import TrainRunConfig
-
-        return TrainRunConfig
-
-    def train_run():
-        from pipeline.train.run import train
-
-        return train
-
-    def export_schema():
-        from pipeline.export import ExportConfig
-
-        return ExportConfig
-
-    def export_run():
-        from pipeline.export import export_from_checkpoint
-
-        return export_from_checkpoint
-
-    def encode_schema():
-        from pipeline.encode.job import EncodeConfig
-
-        return EncodeConfig
-
-    def encode_run():
-        from pipeline.encode.job import encode_corpus
-
-        return encode_corpus
-
-    def import_schema():
-        from pipeline.importers.diffusers import ImportConfig
-
-        return ImportConfig
-
-    def import_run():
-        from pipeline.importers.diffusers import import_diffusers
-
-        return import_diffusers
-
-    def report_schema():
-        from pipeline.report import ReportConfig
-
-        return ReportConfig
-
-    def report_run():
-        from pipeline.report import make_report
-
-        return make_report
-
-    def demo_schema():
-        from pipeline.demo import DemoConfig
-
-        return DemoConfig
-
-    def demo_run():
-        from pipeline.demo import run_demo
-
-        return run_demo
-
-    return {
-        "shards": Command(
-            "image folder (or source=sample) -> WebDataset tar shards", shards_schema, shards_run
-        ),
-        "train": Command("train an autoencoder with Ray Train (DDP)", train_schema, train_run),
-        "export": Command(
-            "checkpoint -> encoder.onnx + encoder.json, parity-checked", export_schema, export_run
-        ),
-        "encode": Command(
-            "image shards -> latent shards + manifest (Ray Data + ONNX Runtime)",
-            encode_schema,
-            encode_run,
-        ),
-        "import": Command(
-            "diffusers AutoencoderKL directory -> latentpipe checkpoint", import_schema, import_run
-        ),
-        "report": Command(
-            "pictures of a run (reconstructions, samples, interpolation, traversal, ...)",
-            report_schema,
-            report_run,
-        ),
-        "demo": Command("the whole pipeline end to end on embedded Ray", demo_schema, demo_run),
-    }
+COMMANDS = {
+    "shards": Command(
+        "image folder (or source=sample|mnist) -> WebDataset tar shards",
+        "pipeline.data.shards",
+        "ShardsConfig",
+        "build_shards",
+    ),
+    "train": Command(
+        "train an autoencoder with Ray Train (DDP)",
+        "pipeline.train.run",
+        "TrainRunConfig",
+        "train",
+    ),
+    "export": Command(
+        "checkpoint -> encoder.onnx + encoder.json, parity-checked",
+        "pipeline.export",
+        "ExportConfig",
+        "export_from_checkpoint",
+    ),
+    "encode": Command(
+        "image shards -> latent shards + manifest (Ray Data + ONNX Runtime)",
+        "pipeline.encode.job",
+        "EncodeConfig",
+        "encode_corpus",
+    ),
+    "import": Command(
+        "diffusers AutoencoderKL directory -> latentpipe checkpoint",
+        "pipeline.importers.diffusers",
+        "ImportConfig",
+        "import_diffusers",
+    ),
+    "report": Command(
+        "pictures of a run (reconstructions, samples, interpolation, traversal, ...)",
+        "pipeline.report",
+        "ReportConfig",
+        "make_report",
+    ),
+    "demo": Command(
+        "the whole pipeline end to end on embedded Ray",
+        "pipeline.demo",
+        "DemoConfig",
+        "run_demo",
+    ),
+}
 
 
 USAGE = """usage: latentpipe <command> [config.yaml ...] [key=value ...]
@@ -129,7 +83,7 @@ commands:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands()
+    commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage(commands))
         return 0
@@ -140,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     command = commands[name]
     if any(a in ("-h", "--help") for a in rest):
         print(f"latentpipe {name}: {command.help}\n\nconfig keys (defaults; ??? = required):\n")
-        print(to_yaml(command.schema()))
+        print(to_yaml(command.load(command.schema)))
         return 0
     try:
         yaml_paths, overrides = split_cli_args(rest)
-        cfg = load_config(command.schema(), yaml_paths, overrides)
+        cfg = load_config(command.load(command.schema), yaml_paths, overrides)
     except ConfigError as err:
         print(f"latentpipe {name}: config error: {err}", file=sys.stderr)
         return 2
     _configure_logging()
     try:
-        result = command.run()(cfg)
+        result = command.load(command.function)(cfg)
     except (FileNotFoundError, ValueError) as err:  # user-fixable input problems: no traceback
         logging.getLogger("latentpipe").error("%s: %s", type(err).__name__, err)
         return 1
