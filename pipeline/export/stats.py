@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.encode.stats import ChannelStats
 from pipeline.models.vq import VQAutoencoder
 
 log = logging.getLogger(__name__)
@@ -41,24 +42,24 @@ def encoder_latents(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def latent_moments(model: nn.Module, images: Iterable[np.ndarray]) -> tuple[float, float, int]:
-    """(mean, std, n_images) over every element of the latents of uint8 HWC ``images``."""
+    """(mean, std, n_images) over every element of the latents of uint8 HWC ``images``.
+
+    Uses the encode job's streaming statistics (`ChannelStats`), so the sidecar's factors are
+    computed exactly as the manifest's are.
+    """
     device = next(model.parameters()).device
-    total = total_sq = 0.0
-    count = n_images = 0
+    stats, n_images = None, 0
     model.eval()
     with torch.no_grad():
         for batch in _batches(images, BATCH):
-            mean = encoder_latents(model, batch.to(device)).double()
-            # float64 sums: SD-sized latents over thousands of images lose precision in float32.
-            total += float(mean.sum())
-            total_sq += float(mean.pow(2).sum())
-            count += mean.numel()
+            latents = encoder_latents(model, batch.to(device)).cpu().numpy()
+            stats = stats or ChannelStats(latents.shape[1])
+            stats.update(latents)
             n_images += batch.shape[0]
     if n_images == 0:
         return 0.0, 1.0, 0
-    mu = total / count
-    var = max(total_sq / count - mu * mu, 0.0)
-    return mu, float(np.sqrt(var)), n_images
+    summary = stats.summary()
+    return summary["mean"], summary["std"], n_images
 
 
 def estimate_latent_stats(
