@@ -32,7 +32,7 @@ from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
 from pipeline.encode.job import EncodeConfig, encode_corpus
-from pipeline.encode.latents import (
+from pipeline.latents.format import (
     VQ_KIND,
     iter_latents,
     load_manifest,

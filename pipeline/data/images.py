@@ -17,6 +17,19 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 64_000_000
 _WHITE = (255, 255, 255, 255)
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Orientations whose display size is the stored size with width and height swapped.
+AXES_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 class BadImageError(ValueError):
@@ -30,15 +43,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     and the EXIF orientation is applied. Raises BadImageError for undecodable or truncated data
     and for images with more than `max_pixels` pixels (checked from the header, before decoding).
     """
-    if not data:
-        raise BadImageError("empty image data")
-    img = _open_checked(data, max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns about odd-but-decodable metadata
-            img.load()
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error...)
-        raise BadImageError(f"corrupt or truncated image: {type(err).__name__}: {err}") from err
+    img = open_checked(data, max_pixels)
+    load_checked(img)
     img = _apply_orientation(img)
     try:
         return to_rgb(img)
@@ -54,12 +60,62 @@ def _apply_orientation(img: Image.Image) -> Image.Image:
         return img
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+def open_checked(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Open `data` reading only the header; reject empty data and more than `max_pixels` pixels.
+
+    Nothing is decoded yet, so a decompression bomb costs only its header. `formats` limits which
+    PIL plugins may even parse the bytes (None: all of them).
+    """
+    if not data:
+        raise BadImageError("empty image data")
+    return _open_checked(data, max_pixels, formats)
+
+
+def load_checked(img: Image.Image) -> None:
+    """Decode the pixels of an opened image; any PIL failure becomes BadImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns about odd-but-decodable metadata
+            img.load()
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error...)
+        raise BadImageError(f"corrupt or truncated image: {type(err).__name__}: {err}") from err
+
+
+def exif_orientation(img: Image.Image, *, allow_decode: bool = True) -> int:
+    """The EXIF orientation tag (1-8; 1 when absent or unreadable).
+
+    PNG may store eXIf after the pixel data, and PIL's PNG `getexif` decodes the whole image to
+    find it. With allow_decode=False a PNG without EXIF in its header answers 1 instead: ask
+    again after loading.
+    """
+    if not allow_decode and img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        orientation = int(img.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block must not reject the pixels
+        return 1
+    return orientation if orientation in _ORIENTATION_TRANSPOSE or orientation == 1 else 1
+
+
+def apply_exif_orientation(img: Image.Image, orientation: int) -> Image.Image:
+    """Transpose a loaded image for display per `orientation`; returns `img` itself when 1.
+
+    Unlike ImageOps.exif_transpose it neither copies unrotated images nor rewrites metadata.
+    """
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
+
+
+def _open_checked(
+    data: bytes, max_pixels: int, formats: tuple[str, ...] | None = None
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below decides; PIL still hard-fails above ~179 MP.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as err:
         raise BadImageError(f"image too large: {err}") from err
     except Exception as err:

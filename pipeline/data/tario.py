@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import logging
 import lzma
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 _BLOCK = tarfile.BLOCKSIZE
 _TAIL_KEEP = 64 * 1024  # more than tarfile's 10 KiB read-ahead, so the end block is still held
-_MEMBER_KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+# Path segments that cannot escape or hide: no ".", ".." or leading dots; no dot in the last one.
+_MEMBER_KEY = re.compile(r"^([A-Za-z0-9_-][A-Za-z0-9._-]*/)*[A-Za-z0-9_-]+$")
 _MEMBER_EXT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 # What a damaged stream can raise while being decompressed or parsed.
 _STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
@@ -360,6 +362,20 @@ class TarShardWriter:
         self._fs.mv(shard.tmp_path, posixpath.join(self._dir, shard.name))
         self._shards.append(ShardInfo(shard.name, shard.samples, shard.counter.bytes))
         log.info("wrote %s/%s (%d samples)", self.output_dir, shard.name, shard.samples)
+
+
+def build_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """An uncompressed tar of ``samples`` (key, {ext: bytes}) in memory, members in the given
+    order, byte-for-byte reproducible (fixed mtime and mode, PAX format) like TarShardWriter."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        for key, files in samples:
+            _validate_sample(key, files)
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o444, 0
+                tar.addfile(info, _BytesReader(bytes(data)))
+    return buffer.getvalue()
 
 
 class _BytesReader:

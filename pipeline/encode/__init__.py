@@ -9,14 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "EncodeConfig": "pipeline.encode.job",
+    "EncodeConfig": "pipeline.encode.config",
+    "StorageConfig": "pipeline.encode.config",
+    "PreprocessConfig": "pipeline.encode.preprocess",
+    "EncodeConflictError": "pipeline.encode.identity",
     "encode_corpus": "pipeline.encode.job",
-    "load_manifest": "pipeline.encode.latents",
-    "iter_latents": "pipeline.encode.latents",
-    "load_codebook": "pipeline.encode.latents",
-    "load_manifest_codebook": "pipeline.encode.latents",
-    "lookup_codebook": "pipeline.encode.latents",
-    "read_rejects": "pipeline.encode.latents",
+    # Reading latents lives in pipeline.latents; re-exported for convenience.
+    "load_manifest": "pipeline.latents.format",
+    "iter_latents": "pipeline.latents.format",
+    "load_codebook": "pipeline.latents.format",
+    "load_manifest_codebook": "pipeline.latents.format",
+    "lookup_codebook": "pipeline.latents.format",
+    "read_rejects": "pipeline.latents.format",
 }
 
 __all__ = sorted(_EXPORTS)

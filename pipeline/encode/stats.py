@@ -37,6 +37,34 @@ class ChannelStats:
         self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / total)
         self.count = total
 
+    def merge(self, other: ChannelStats) -> None:
+        """Fold in statistics gathered elsewhere (another unit or worker); same update rule."""
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge {other.channels}-channel stats into {self.channels}")
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / total)
+        self.count = total
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able exact state (Python floats round-trip float64 exactly through JSON)."""
+        return {
+            "count": int(self.count),
+            "mean": [float(x) for x in self.mean],
+            "m2": [float(x) for x in self.m2],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ChannelStats:
+        stats = cls(len(state["mean"]))
+        stats.count = int(state["count"])
+        stats.mean = np.array(state["mean"], dtype=np.float64)
+        stats.m2 = np.array(state["m2"], dtype=np.float64)
+        return stats
+
     def summary(self) -> dict[str, Any]:
         """Per-channel and global mean/std; global std gives ``scaling_factor = 1/std``."""
         if self.count == 0:
@@ -71,6 +99,9 @@ class CodeUsage:
         if indices.size:
             flat = indices.reshape(-1).astype(np.int64)
             self.counts += np.bincount(flat, minlength=len(self.counts))
+
+    def merge(self, counts: list[int] | np.ndarray) -> None:
+        self.counts += np.asarray(counts, dtype=np.int64)
 
     def summary(self) -> dict[str, Any]:
         """codes used, usage (fraction of codes used) and perplexity exp(H) of the index

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -14,8 +15,18 @@ from PIL import Image
 
 from pipeline.data.images import decode_image, normalize, resize_center_crop
 from pipeline.data.tario import TarShardWriter, write_index
-from pipeline.encode import EncodeConfig, encode_corpus, iter_latents, load_manifest, read_rejects
+from pipeline.encode import (
+    EncodeConfig,
+    EncodeConflictError,
+    StorageConfig,
+    encode_corpus,
+    iter_latents,
+    load_manifest,
+    read_rejects,
+)
+from pipeline.encode.preprocess import PreprocessConfig
 from pipeline.encode.session import make_session
+from pipeline.latents.format import SIZES_FIELD
 
 RNG = np.random.default_rng(0)
 
@@ -103,13 +114,7 @@ def corpus(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def encoded(ray_local, corpus, tiny_encoder, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("latents"))
-    cfg = EncodeConfig(
-        input=corpus["dir"],
-        output=out,
-        encoder=tiny_encoder,
-        batch_size=4,
-        samples_per_shard=4,
-    )
+    cfg = EncodeConfig(input=corpus["dir"], output=out, encoder=tiny_encoder, batch_size=4)
     manifest = encode_corpus(cfg)
     return {"dir": out, "manifest": manifest, "cfg": cfg}
 
@@ -135,21 +140,30 @@ def test_manifest_counts_and_stats(encoded):
     manifest = load_manifest(encoded["dir"])
     assert manifest == json.loads(json.dumps(encoded["manifest"]))
     assert manifest["samples"] == 11 == sum(s["samples"] for s in manifest["shards"])
-    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 3]
-    assert manifest["rejects"] == 5
-    assert manifest["latent"] == {
-        "field": "latent.npy",
-        "shape": [4, 8, 8],
-        "dtype": "float16",
-        "kind": "posterior_mean",
-    }
+    # One shard per input shard; shard 2's only good sample besides the duplicate is good_2.
+    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 1, 2]
+    assert [s["source"].rsplit("/", 1)[1] for s in manifest["shards"]] == [
+        f"shard-00000{i}.tar" for i in range(4)
+    ]
+    assert all(
+        len(s["sha256"]) == 64 and s["latent_shape"] == [4, 8, 8] for s in manifest["shards"]
+    )
+    assert manifest["rejects"] == 5 and manifest["input_samples"] == 16
+    latent = manifest["latent"]
+    assert (latent["field"], latent["shape"], latent["dtype"], latent["kind"]) == (
+        "latent.npy",
+        [4, 8, 8],
+        "float16",
+        "posterior_mean",
+    )
+    assert manifest["preprocess"]["resolution"] == 16 and manifest["storage"]["dtype"] == "float16"
     latents = np.stack([lat.astype(np.float64) for _, lat, _ in iter_latents(encoded["dir"])])
-    assert latents.dtype == np.float64 and latents.shape == (11, 4, 8, 8)
-    # Statistics come from the float32 means; stored latents are float16, hence the tolerance.
-    np.testing.assert_allclose(manifest["channel_mean"], latents.mean(axis=(0, 2, 3)), atol=1e-2)
-    np.testing.assert_allclose(manifest["channel_std"], latents.std(axis=(0, 2, 3)), rtol=1e-2)
-    assert manifest["scaling_factor"] == pytest.approx(1 / latents.std(), rel=1e-2)
-    assert manifest["shift_factor"] == pytest.approx(latents.mean(), abs=1e-2)
+    assert latents.shape == (11, 4, 8, 8)
+    # Statistics are taken on the stored (float16) values over the whole corpus.
+    np.testing.assert_allclose(manifest["channel_mean"], latents.mean(axis=(0, 2, 3)), atol=1e-9)
+    np.testing.assert_allclose(manifest["channel_std"], latents.std(axis=(0, 2, 3)), rtol=1e-9)
+    assert manifest["scaling_factor"] == pytest.approx(1 / latents.std(), rel=1e-9)
+    assert manifest["shift_factor"] == pytest.approx(latents.mean(), abs=1e-9)
     with open(os.path.join(encoded["dir"], "index.json")) as f:
         index = json.load(f)
     assert index["samples"] == 11
@@ -162,10 +176,12 @@ def test_latents_match_direct_onnx_and_extras_kept(corpus, encoded, tiny_encoder
     for key, latent, extras in iter_latents(encoded["dir"]):
         files = corpus["samples"][key]
         image_ext = "png" if "png" in files else "jpg"
+        sizes = json.loads(extras.pop(SIZES_FIELD))
         assert extras == {k: v for k, v in files.items() if k != image_ext}
+        assert sizes["original_size"] == [20, 24] and sizes["target_size"] == [16, 16]
+        assert sizes["crop_top_left"] == [0, 1]  # 24x20 -> 19x16 (bicubic), centre crop 16
         x = normalize(resize_center_crop(decode_image(files[image_ext]), 16))[None]
         (mean,) = session.run(["mean"], {"image": x})
-        assert latent.dtype == np.float16
         np.testing.assert_allclose(latent, mean[0], atol=2e-3, rtol=2e-3)
 
 
@@ -192,9 +208,46 @@ def test_read_back_with_ray_data(ray_local, encoded):
     assert all(np.asarray(r["latent.npy"]).shape == (4, 8, 8) for r in rows)
 
 
-def test_refuses_finished_output(encoded):
-    with pytest.raises(FileExistsError, match="manifest.json"):
-        encode_corpus(encoded["cfg"])
+def test_rerun_of_finished_job_does_nothing(encoded, caplog):
+    before = {
+        n: os.path.getmtime(os.path.join(encoded["dir"], n)) for n in os.listdir(encoded["dir"])
+    }
+    with caplog.at_level("INFO", logger="pipeline.encode.job"):
+        manifest = encode_corpus(encoded["cfg"])
+    assert "already complete" in caplog.text and "nothing to do" in caplog.text
+    assert manifest == load_manifest(encoded["dir"])
+    after = {
+        n: os.path.getmtime(os.path.join(encoded["dir"], n)) for n in os.listdir(encoded["dir"])
+    }
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"storage": StorageConfig(dtype="float32")}, "storage"),
+        ({"preprocess": PreprocessConfig(small_images="reject")}, "preprocess"),
+        ({"prefix": "other"}, "prefix"),
+    ],
+)
+def test_changed_settings_refused_for_same_output(encoded, change, named):
+    cfg = dataclasses.replace(encoded["cfg"], **change)
+    with pytest.raises(EncodeConflictError, match=named):
+        encode_corpus(cfg)
+
+
+def test_other_encoder_refused_for_same_output(encoded, tiny_vq_encoder):
+    cfg = dataclasses.replace(encoded["cfg"], encoder=tiny_vq_encoder)
+    with pytest.raises(EncodeConflictError, match="encoder_sha256"):
+        encode_corpus(cfg)
+
+
+def test_missing_input_shard_fails_before_work(corpus, tiny_encoder, tmp_path):
+    shards = f"{corpus['dir']}/shard-000000.tar,{corpus['dir']}/shard-000009.tar"
+    cfg = EncodeConfig(input=shards, output=str(tmp_path / "out"), encoder=tiny_encoder)
+    with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
+        encode_corpus(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_float32_to_memory_fs_matches(ray_local, corpus, encoded, tiny_encoder):
@@ -205,18 +258,17 @@ def test_float32_to_memory_fs_matches(ray_local, corpus, encoded, tiny_encoder):
         output="memory://latents-f32",
         encoder=tiny_encoder,
         batch_size=3,
-        dtype="float32",
-        samples_per_shard=100,
+        storage=StorageConfig(dtype="float32"),
         threads_per_actor=1,
     )
     manifest = encode_corpus(cfg)
     assert manifest["samples"] == 11 and manifest["rejects"] == 5
-    assert len(manifest["shards"]) == 1
+    assert len(manifest["shards"]) == 4
     first = {k: lat for k, lat, _ in iter_latents(encoded["dir"])}
     for key, latent, _ in iter_latents("memory://latents-f32"):
         assert latent.dtype == np.float32
         np.testing.assert_allclose(latent, first[key].astype(np.float32), atol=2e-3)
-    assert manifest["channel_mean"] == pytest.approx(encoded["manifest"]["channel_mean"], abs=1e-6)
+    assert manifest["channel_mean"] == pytest.approx(encoded["manifest"]["channel_mean"], abs=1e-3)
     rejects = [r["key"] for r in read_rejects("memory://latents-f32")]
     assert sorted(rejects, key=str) == sorted(["s0_2", "s1_3", "bad key", "s0_1", "t_2"])
 
@@ -242,9 +294,7 @@ def test_unschedulable_config_fails_fast(
 @pytest.fixture(scope="module")
 def vq_encoded(ray_local, corpus, tiny_vq_encoder, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("vq_latents"))
-    cfg = EncodeConfig(
-        input=corpus["dir"], output=out, encoder=tiny_vq_encoder, batch_size=4, samples_per_shard=4
-    )
+    cfg = EncodeConfig(input=corpus["dir"], output=out, encoder=tiny_vq_encoder, batch_size=4)
     return {"dir": out, "manifest": encode_corpus(cfg)}
 
 
@@ -267,17 +317,17 @@ def test_vq_manifest_fields_and_stats_on_lookup(vq_encoded, tiny_vq_encoder):
 
     manifest = load_manifest(vq_encoded["dir"])
     sidecar = load_sidecar(tiny_vq_encoder)
-    assert manifest["latent"] == {
+    latent = manifest["latent"]
+    assert {k: latent[k] for k in ("field", "shape", "dtype", "kind", "num_codes", "code_dim")} == {
         "field": "indices.npy",
         "shape": [8, 8],
         "dtype": "uint16",
         "kind": "vq_indices",
         "num_codes": 64,
         "code_dim": 4,
-        "lookup_shape": [4, 8, 8],
-        "codebook_file": "codebook.npy",
-        "codebook_sha256": sidecar["codebook_sha256"],
     }
+    assert latent["codebook_file"] == "codebook.npy"
+    assert latent["codebook_sha256"] == sidecar["codebook_sha256"]
     # The corpus carries its own copy of the codebook, byte-identical to the encoder's.
     assert (
         file_sha256(os.path.join(vq_encoded["dir"], "codebook.npy")) == sidecar["codebook_sha256"]

@@ -26,7 +26,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_train_export_encode_on_s3(s3_server, sample_corpus):
     import s3fs
 
-    from pipeline.encode.latents import iter_latents, load_manifest
+    from pipeline.latents.format import iter_latents, load_manifest
 
     _, bucket = s3_server
     fs = s3fs.S3FileSystem()

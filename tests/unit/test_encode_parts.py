@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.data.tario import TarShardWriter
-from pipeline.encode.job import EncodeConfig, expected_total, validate_config
-from pipeline.encode.latents import decode_npy, encode_npy, load_manifest
+from pipeline.encode.config import EncodeConfig, StorageConfig, validate_config
+from pipeline.encode.job import expected_total
+from pipeline.encode.preprocess import PreprocessConfig
 from pipeline.encode.stages import decode_batch, key_problem, pack_extras, read_shard, unpack_extras
 from pipeline.encode.stats import ChannelStats
+from pipeline.latents.format import (
+    decode_latent,
+    decode_npy,
+    encode_latent,
+    encode_npy,
+    from_bfloat16_bits,
+    load_manifest,
+    to_bfloat16_bits,
+)
 
 
 def test_channel_stats_match_numpy_over_uneven_batches():
@@ -32,6 +44,22 @@ def test_channel_stats_match_numpy_over_uneven_batches():
         stats.update(np.zeros((2, 3, 5, 5)))
 
 
+def test_channel_stats_merge_equals_one_pass():
+    """Per-unit statistics merged at the end give the corpus statistics (and survive JSON)."""
+    rng = np.random.default_rng(1)
+    data = rng.normal(-1.0, 3.0, size=(40, 3, 4, 4)).astype(np.float32)
+    whole = ChannelStats(3)
+    whole.update(data)
+    merged = ChannelStats(3)
+    for part in (data[:7], data[7:7], data[7:31], data[31:]):
+        unit = ChannelStats(3)
+        unit.update(part)
+        merged.merge(ChannelStats.from_state(json.loads(json.dumps(unit.state()))))
+    for key in ("channel_mean", "channel_std"):
+        np.testing.assert_allclose(merged.summary()[key], whole.summary()[key], rtol=1e-12)
+    assert merged.count == whole.count
+
+
 def test_empty_stats_summary():
     assert ChannelStats(4).summary()["std"] is None
 
@@ -48,6 +76,34 @@ def test_npy_round_trip_refuses_pickles():
         decode_npy(buf.getvalue())
 
 
+def test_bfloat16_bits_match_torch_rounding():
+    import torch
+
+    values = np.array(
+        [0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.14159, 1e-40, 3.4e38, np.inf, -np.inf],
+        dtype=np.float32,
+    )
+    values = np.concatenate(
+        [values, np.random.default_rng(0).normal(0, 5, 1000).astype(np.float32)]
+    )
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(to_bfloat16_bits(values), expected)
+    assert np.isnan(from_bfloat16_bits(to_bfloat16_bits(np.array([np.nan], np.float32)))).all()
+    round_trip = from_bfloat16_bits(expected)
+    assert np.array_equal(
+        round_trip, torch.from_numpy(expected.view(np.int16)).view(torch.bfloat16).float().numpy()
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_latent_storage_round_trip(dtype):
+    latent = np.random.default_rng(2).normal(size=(4, 3, 5)).astype(np.float32)
+    out = decode_latent(encode_latent(latent, dtype), dtype)
+    assert out.dtype == np.float32 and out.shape == latent.shape
+    tolerance = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 0}[dtype]
+    np.testing.assert_allclose(out, latent, rtol=tolerance, atol=tolerance)
+
+
 def test_extras_round_trip_binary():
     files = {"json": b'{"a": 1}', "seg.png": bytes(range(256)), "txt": "é".encode()}
     packed = pack_extras(files)
@@ -58,7 +114,8 @@ def test_extras_round_trip_binary():
 def test_key_problem():
     assert key_problem("abc_01-x") == ""
     assert key_problem("dir/sub/abc") == ""
-    for bad in ["", "a b", "../x", "/abs", "a//b", "a/./b", "x" * 600]:
+    assert key_problem("v1.2/img") == ""
+    for bad in ["", "a b", "../x", "/abs", "a//b", "a/./b", ".hidden/x", "a/b.c", "x" * 600]:
         assert key_problem(bad), bad
 
 
@@ -73,10 +130,19 @@ def test_load_manifest_errors(tmp_path):
 def test_validate_config():
     ok = EncodeConfig(input="in", output="out", encoder="e.onnx")
     validate_config(ok)
-    for field, value in [("dtype", "bfloat16"), ("device", "tpu"), ("batch_size", 0)]:
+    for field, value in [("device", "tpu"), ("batch_size", 0), ("actor_cpus", 0)]:
         cfg = EncodeConfig(input="in", output="out", encoder="e.onnx", **{field: value})
         with pytest.raises(ValueError, match=field):
             validate_config(cfg)
+    for field, value in [("dtype", "int8"), ("latent", "mode")]:
+        storage = StorageConfig(**{field: value})
+        cfg = EncodeConfig(input="in", output="out", encoder="e.onnx", storage=storage)
+        with pytest.raises(ValueError, match=f"storage.{field}"):
+            validate_config(cfg)
+    with pytest.raises(ValueError, match="fp16_model"):
+        validate_config(
+            EncodeConfig(input="i", output="o", encoder="e", fp16_model=True, device="cpu")
+        )
 
 
 def _png() -> bytes:
@@ -85,25 +151,44 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def test_read_and_decode_stages_emit_rejects(tmp_path):
-    with TarShardWriter(str(tmp_path), prefix="s", max_samples=10) as writer:
-        writer.write("good", {"png": _png(), "json": b"{}"})
-        writer.write("broken", {"png": b"nope"})
-        writer.write("textonly", {"txt": b"hi"})
+def test_read_and_decode_stages(tmp_path):
+    """Every tar group becomes a row (image-less ones too: the driver merges or rejects them),
+    then a trailer counting them; the decode stage rejects bad images with the reason."""
+    members = [
+        ("good.png", _png()),
+        ("good.json", b"{}"),
+        ("broken.png", b"nope"),
+        ("textonly.txt", b"hi"),
+        ("../escape.png", _png()),
+        ("v1.2/dotted.png", _png()),
+        ("img.001.png", _png()),
+    ]
     url = str(tmp_path / "s-000000.tar")
-    rows = list(read_shard({"url": url}))
-    assert [r["key"] for r in rows] == ["good", "broken", "textonly"]
+    with tarfile.open(url, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rows = list(read_shard({"unit": 3, "url": url}))
+    keys = ["good", "broken", "textonly", "../escape", "v1.2/dotted", "img", ""]
+    assert [r["key"] for r in rows] == keys
+    assert [r["seq"] for r in rows] == list(range(7)) and {r["unit"] for r in rows} == {3}
+    assert [r["end"] for r in rows] == [False] * 6 + [True]
     by_key = {r["key"]: r for r in rows}
-    assert by_key["good"]["reject"] == "" and unpack_extras(by_key["good"]["extras"]) == {
-        "json": b"{}"
-    }
-    assert "no image field" in by_key["textonly"]["reject"]
+    assert by_key["good"]["reject"] == "" and by_key["good"]["has_image"]
+    assert unpack_extras(by_key["good"]["extras"]) == {"json": b"{}"}
+    assert by_key["textonly"]["reject"] == "" and not by_key["textonly"]["has_image"]
+    assert "unsafe key" in by_key["../escape"]["reject"]
+    assert by_key["v1.2/dotted"]["reject"] == "" and by_key["v1.2/dotted"]["has_image"]
+    assert by_key["img"]["has_image"]  # field "001.png" is still the image
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    out = decode_batch(batch, resolution=4)
-    assert out["pixels"].shape == (len(rows), 4, 4, 3) and out["pixels"].dtype == np.uint8
+    batch["has_image"] = batch["has_image"].astype(bool)
+    out = decode_batch(batch, preprocess=dataclasses.asdict(PreprocessConfig(resolution=4, bucket_area=16)))
     reasons = dict(zip(out["key"], out["reject"], strict=True))
-    assert reasons["good"] == "" and out["pixels"][0].max() > 0
-    assert reasons["broken"].startswith("bad image")
+    assert reasons["good"] == "" and reasons["broken"].startswith("bad image")
+    good = np.frombuffer(out["pixels"][0], np.uint8).reshape(out["height"][0], out["width"][0], 3)
+    assert good.shape == (4, 4, 3) and good.max() > 0
+    assert (out["orig_h"][0], out["orig_w"][0]) == (6, 10)
 
 
 def test_expected_total_from_index(tmp_path):
@@ -120,7 +205,7 @@ def test_expected_total_from_index(tmp_path):
 
 
 def test_lookup_codebook_shapes_and_range():
-    from pipeline.encode.latents import lookup_codebook
+    from pipeline.latents.format import lookup_codebook
 
     codebook = np.arange(12, dtype=np.float32).reshape(4, 3)  # 4 codes of dim 3
     indices = np.array([[0, 3], [2, 1]], dtype=np.uint16)
@@ -139,7 +224,7 @@ def test_lookup_codebook_shapes_and_range():
 def test_load_codebook_checks_hash_and_shape(tmp_path):
     import hashlib
 
-    from pipeline.encode.latents import load_codebook
+    from pipeline.latents.format import load_codebook
 
     path = tmp_path / "codebook.npy"
     path.write_bytes(encode_npy(np.ones((4, 2), np.float32)))
@@ -162,11 +247,3 @@ def test_code_usage_summary():
     summary = usage.summary()
     assert summary["codes_used"] == 4 and summary["usage"] == 0.5 and summary["indices"] == 4
     assert summary["perplexity"] == pytest.approx(4.0)  # uniform over 4 codes
-
-
-def test_encoder_output_by_model_kind():
-    from pipeline.encode.stages import encoder_output
-
-    assert encoder_output({"latent_shape": [4, 8, 8]}) == ("mean", (4, 8, 8), "float32")
-    vq = {"latent_shape": [4, 8, 8], "model_kind": "vq", "index_dtype": "uint16"}
-    assert encoder_output(vq) == ("indices", (8, 8), "uint16")

@@ -6,14 +6,19 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.images import (
+    AXES_SWAPPING_ORIENTATIONS,
     BadImageError,
+    apply_exif_orientation,
     decode_image,
     denormalize,
+    exif_orientation,
     find_image_field,
+    load_checked,
     normalize,
+    open_checked,
     resize_center_crop,
 )
 
@@ -145,3 +150,49 @@ def test_find_image_field():
     assert find_image_field({"png": b"", "jpg": b""}) == "jpg"
     assert find_image_field({"JPEG": b""}) == "JPEG"
     assert find_image_field({"seg.png": b"", "txt": b""}) is None
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def test_open_checked_reads_only_the_header():
+    img = open_checked(_png_header_only(300, 200))  # no pixel data at all
+    assert img.size == (300, 200)
+    with pytest.raises(BadImageError, match="corrupt or truncated"):
+        load_checked(img)
+    with pytest.raises(BadImageError, match="empty"):
+        open_checked(b"")
+    with pytest.raises(BadImageError, match="too large"):
+        open_checked(_png_header_only(100_000, 100_000))
+
+
+def test_open_checked_formats_restricts_the_parsers():
+    data = _encode(Image.new("RGB", (4, 4)), "JPEG")
+    assert open_checked(data, formats=("JPEG",)).format == "JPEG"
+    with pytest.raises(BadImageError, match="not a decodable image"):
+        open_checked(data, formats=("PNG",))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_exif_orientation_matches_pil(orientation):
+    rng = np.random.default_rng(orientation)
+    stored = Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8))
+    img = Image.open(io.BytesIO(_encode(stored, "PNG", exif=_exif(orientation))))
+    assert exif_orientation(img) == orientation
+    expected = ImageOps.exif_transpose(img)
+    upright = apply_exif_orientation(img, orientation)
+    assert np.array_equal(np.array(upright), np.array(expected))
+    assert (upright.size != stored.size) == (orientation in AXES_SWAPPING_ORIENTATIONS)
+
+
+def test_exif_orientation_without_decoding():
+    jpeg = Image.open(io.BytesIO(_encode(Image.new("RGB", (8, 4)), "JPEG", exif=_exif(6))))
+    assert exif_orientation(jpeg, allow_decode=False) == 6  # JPEG EXIF sits in the header
+    plain = Image.open(io.BytesIO(_png_header_only(8, 4)))
+    assert exif_orientation(plain, allow_decode=False) == 1  # would have to decode: does not
+    assert plain.tile  # still not decoded
+    bogus = Image.open(io.BytesIO(_encode(Image.new("RGB", (8, 4)), "JPEG", exif=_exif(42))))
+    assert exif_orientation(bogus) == 1  # out-of-range tags are ignored
