@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 
 from pipeline.train.checkpoint import read_state
 from tests.conftest import TINY_TRAIN
+from tests.proctools import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -44,33 +44,6 @@ def _checkpoint_steps(run: Path) -> list[int]:
     return sorted(steps)
 
 
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:  # the process ended while we looked
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants, like a machine failure: Ray starts some of
-    its processes in their own sessions, so killing the process group is not enough."""
-    for victim in _descendants(pid):
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_killed_run_resumes_and_continues_step_count(tiny_shards, tmp_path):
     storage = tmp_path / "runs"
     run = storage / "killme"
@@ -89,7 +62,7 @@ def test_killed_run_resumes_and_continues_step_count(tiny_shards, tmp_path):
             time.sleep(1)
         assert _checkpoint_steps(run), "no checkpoint within 240 s"
     finally:
-        _kill_tree(proc.pid)  # the driver and every process of its embedded Ray, mid-run
+        kill_tree(proc.pid)  # the driver and every process of its embedded Ray, mid-run
         proc.wait()
     killed_at = max(_checkpoint_steps(run))
     target = killed_at + 5

@@ -106,6 +106,7 @@ def _schema_for(path: Path):
     from pipeline.demo import DemoConfig
     from pipeline.encode.job import EncodeConfig
     from pipeline.export import ExportConfig
+    from pipeline.latents.verify import VerifyConfig
     from pipeline.train.config import TrainRunConfig
 
     return {
@@ -114,6 +115,7 @@ def _schema_for(path: Path):
         "encode": EncodeConfig,
         "export": ExportConfig,
         "shards": ShardsConfig,
+        "verify": VerifyConfig,
         "configs": DemoConfig,
     }[path.parent.name]
 

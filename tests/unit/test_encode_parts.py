@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.tario import TarShardWriter
 from pipeline.encode.config import EncodeConfig, StorageConfig, validate_config
 from pipeline.encode.job import expected_total
 from pipeline.encode.preprocess import PreprocessConfig

@@ -18,20 +18,27 @@ from pipeline.export import (
     SidecarError,
     check_parity,
     compare_outputs,
+    dynamic_spatial,
     export_encoder_onnx,
     export_model,
+    latent_shape_for,
     load_sidecar,
     write_sidecar,
 )
 from pipeline.models import ModelConfig, build_model
 
 RES = 16
+# Non-square sizes (multiples of the f4 factor) the one exported graph must serve exactly.
+SIZES = [(16, 24), (24, 8), (12, 20)]
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, groups=4)
+    # Mid-block attention: its reshapes must follow the dynamic height/width.
+    cfg = ModelConfig(
+        ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, groups=4, attention=True
+    )
     return build_model(cfg).eval()
 
 
@@ -51,7 +58,45 @@ def test_parity_dynamic_batch(model, exported, batch):
     mean, logvar = sess.run(None, {"image": np.zeros((batch, 3, RES, RES), np.float32)})
     assert mean.shape == logvar.shape == (batch, 4, RES // 4, RES // 4)
     assert [o.name for o in sess.get_outputs()] == ["mean", "logvar"]
-    assert sess.get_outputs()[0].shape == ["batch", 4, 4, 4]
+    assert sess.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    for output in sess.get_outputs():
+        assert output.shape == ["batch", 4, "latent_height", "latent_width"]
+
+
+def _images(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, height, width, generator=gen) * 2 - 1
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_kl_dynamic_spatial_matches_torch(model, exported, size):
+    sess = make_session(str(exported[0] / "encoder.onnx"), device="cpu")
+    image = _images(2, *size, seed=size[1])
+    mean, logvar = sess.run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        ref = model.encode(image)
+    assert mean.shape == (2, 4, size[0] // 4, size[1] // 4)
+    np.testing.assert_allclose(mean, ref.mean.numpy(), atol=1e-4)
+    np.testing.assert_allclose(logvar, ref.logvar.numpy(), atol=1e-4)
+
+
+def test_sd_layout_f8_dynamic_spatial(tmp_path):
+    """kl-f8's layout (4 levels, mid attention, embed_dim, asymmetric-pad downsampling), tiny."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        ch=8, ch_mult=[1, 2, 2, 2], z_channels=4, groups=4, attention=True, embed_dim=4
+    )
+    sd = build_model(cfg).eval()
+    sidecar = export_model(sd, str(tmp_path), RES, parity_batch=1)
+    assert sidecar["parity"]["non_square"]["width"] == RES + 16
+    sess = make_session(str(tmp_path / "encoder.onnx"), device="cpu")
+    for height, width in [(16, 40), (32, 8)]:
+        image = _images(1, height, width, seed=height)
+        (mean,) = sess.run(["mean"], {"image": image.numpy()})
+        with torch.no_grad():
+            ref = sd.encode(image).mean.numpy()
+        assert list(mean.shape[1:]) == latent_shape_for(sidecar, height, width)
+        np.testing.assert_allclose(mean, ref, atol=1e-4)
 
 
 def test_sidecar_contents(exported):
@@ -59,12 +104,48 @@ def test_sidecar_contents(exported):
     loaded = load_sidecar(str(out / "encoder.onnx"))
     assert loaded == json.loads(json.dumps(sidecar))
     assert loaded["format"] == "latentpipe.encoder" and loaded["format_version"] == 1
-    assert loaded["input"]["shape"] == [None, 3, RES, RES]
-    assert loaded["latent_shape"] == [4, 4, 4]
-    assert loaded["outputs"]["mean"] == [None, 4, 4, 4]
+    spec = loaded["input"]
+    assert spec["shape"] == [None, 3, None, None] and spec["resolution"] == RES
+    assert spec["spatial"] == "dynamic" and spec["size_multiple"] == 4
+    assert dynamic_spatial(loaded)
+    assert loaded["latent_shape"] == [4, 4, 4]  # at the native resolution
+    assert loaded["outputs"]["mean"] == loaded["outputs"]["logvar"] == [None, 4, None, None]
     assert loaded["downsample_factor"] == 4 and loaded["model_kind"] == "kl"
-    assert loaded["parity"]["batch"] == 2
+    parity = loaded["parity"]
+    assert parity["batch"] == 2 and parity["max_abs_diff"] <= parity["atol"]
+    assert parity["non_square"]["height"] == RES and parity["non_square"]["width"] == RES + 8
+    assert parity["non_square"]["max_abs_diff"] <= parity["atol"]
     assert loaded["scaling_factor"] == 1.0 and loaded["latent_stats"]["samples"] == 0
+    assert loaded["checkpoint"] == {"path": None, "step": None, "sha256": None}
+
+
+def test_latent_shape_for(exported, vq_exported):
+    kl, vq = exported[1], vq_exported[1]
+    assert latent_shape_for(kl, RES, RES) == kl["latent_shape"] == [4, 4, 4]
+    assert latent_shape_for(kl, 192, 320) == [4, 48, 80]
+    # VQ: the quantized latents' shape; the indices are the same without the channel axis.
+    assert latent_shape_for(vq, 8, 20) == [4, 2, 5]
+    for height, width in [(18, 16), (16, 18), (0, 16), (16, -4)]:
+        with pytest.raises(ValueError, match="multiples of the encoder's downsample factor 4"):
+            latent_shape_for(kl, height, width)
+
+
+def test_older_sidecar_is_fixed_size(exported):
+    old = json.loads(json.dumps(exported[1]))
+    del old["input"]["spatial"]  # exports before dynamic spatial axes had no such key
+    old["input"]["shape"] = [None, 3, RES, RES]
+    assert not dynamic_spatial(old)
+    assert latent_shape_for(old, RES, RES) == [4, 4, 4]
+    with pytest.raises(ValueError, match="fixed input size 16x16"):
+        latent_shape_for(old, RES, RES + 4)
+
+
+def test_export_rejects_classic_vae(tmp_path):
+    from pipeline.models import ClassicVAEConfig
+
+    mlp = build_model(ModelConfig(kind="mlp_vae", classic=ClassicVAEConfig(in_channels=3)))
+    with pytest.raises(ValueError, match="supports model kinds 'kl' and 'vq'"):
+        export_encoder_onnx(mlp, 28, str(tmp_path / "x.onnx"))
 
 
 def test_sidecar_tamper_detected(exported, tmp_path):
@@ -184,7 +265,7 @@ def test_export_from_checkpoint(model, tmp_path):
     ckpt = pytest.importorskip("pipeline.train.checkpoint")
     pytest.importorskip("pipeline.data.reader")
     from pipeline.data.tario import TarShardWriter
-    from pipeline.export import ExportConfig, export_from_checkpoint
+    from pipeline.export import ExportConfig, export_from_checkpoint, file_sha256
     from pipeline.train.config import TrainRunConfig
 
     rng = np.random.default_rng(0)
@@ -207,7 +288,8 @@ def test_export_from_checkpoint(model, tmp_path):
     assert sorted(os.listdir(out)) == ["encoder.json", "encoder.onnx", "export-config.yaml"]
     assert "parity_batch: 2" in (out / "export-config.yaml").read_text()
     assert load_sidecar(str(out / "encoder.onnx")) == json.loads(json.dumps(sidecar))
-    assert sidecar["checkpoint"] == {"path": str(ckpt_dir), "step": 7}
+    state_sha = file_sha256(str(ckpt_dir / "state.pt"))
+    assert sidecar["checkpoint"] == {"path": str(ckpt_dir), "step": 7, "sha256": state_sha}
     stats = sidecar["latent_stats"]
     assert stats["samples"] == 4 and stats["source"] == shard_dir
     assert sidecar["scaling_factor"] == pytest.approx(1.0 / stats["std"])
@@ -231,7 +313,9 @@ def _tiny_vq(distance: str = "l2"):
 
     torch.manual_seed(0)
     vq = VQConfig(num_codes=32, code_dim=4, distance=distance)
-    cfg = ModelConfig(kind="vq", ch=8, ch_mult=[1, 2, 2], z_channels=4, groups=4, vq=vq)
+    cfg = ModelConfig(
+        kind="vq", ch=8, ch_mult=[1, 2, 2], z_channels=4, groups=4, attention=True, vq=vq
+    )
     return build_model(cfg).eval()
 
 
@@ -250,13 +334,26 @@ def vq_exported(vq_model, tmp_path_factory):
 def test_vq_onnx_indices_equal_torch(vq_model, vq_exported, batch):
     sess = make_session(str(vq_exported[0] / "encoder.onnx"), device="cpu")
     assert [o.name for o in sess.get_outputs()] == ["indices", "quantized"]
-    assert sess.get_outputs()[0].shape == ["batch", 4, 4]  # 3-D indices output pinned
-    assert sess.get_outputs()[1].shape == ["batch", 4, 4, 4]
+    # 3-D indices output pinned, with the same symbols as the quantized latents
+    assert sess.get_outputs()[0].shape == ["batch", "latent_height", "latent_width"]
+    assert sess.get_outputs()[1].shape == ["batch", 4, "latent_height", "latent_width"]
     image = torch.rand(batch, 3, RES, RES, generator=torch.Generator().manual_seed(batch)) * 2 - 1
     with torch.no_grad():
         ref_idx, ref_q = vq_model.export_forward(image)
     idx, quantized = sess.run(None, {"image": image.numpy()})
     assert idx.dtype == np.int64 and idx.shape == (batch, 4, 4)
+    np.testing.assert_array_equal(idx, ref_idx.numpy())
+    np.testing.assert_allclose(quantized, ref_q.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_vq_dynamic_spatial_indices_exact(vq_model, vq_exported, size):
+    sess = make_session(str(vq_exported[0] / "encoder.onnx"), device="cpu")
+    image = _images(2, *size, seed=size[0])
+    idx, quantized = sess.run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        ref_idx, ref_q = vq_model.export_forward(image)
+    assert list(quantized.shape[1:]) == latent_shape_for(vq_exported[1], *size)
     np.testing.assert_array_equal(idx, ref_idx.numpy())
     np.testing.assert_allclose(quantized, ref_q.numpy(), atol=1e-6)
 
@@ -270,7 +367,10 @@ def test_vq_sidecar_and_codebook(vq_model, vq_exported):
     assert loaded == json.loads(json.dumps(sidecar))
     assert loaded["model_kind"] == "vq" and loaded["distance"] == "l2"
     assert (loaded["num_codes"], loaded["code_dim"], loaded["index_dtype"]) == (32, 4, "uint16")
-    assert loaded["outputs"] == {"indices": [None, 4, 4], "quantized": [None, 4, 4, 4]}
+    assert loaded["outputs"] == {
+        "indices": [None, None, None],
+        "quantized": [None, 4, None, None],
+    }
     assert loaded["output_dtypes"] == {"indices": "int64", "quantized": "float32"}
     assert loaded["latent_shape"] == [4, 4, 4] and loaded["index_shape"] == [4, 4]
     assert loaded["codebook_file"] == "codebook.npy"
@@ -281,6 +381,9 @@ def test_vq_sidecar_and_codebook(vq_model, vq_exported):
     parity = loaded["parity"]
     assert parity["index_mismatches"] == 0 and parity["indices_compared"] == 2 * 16
     assert parity["max_abs_diff"] <= parity["atol"]
+    other = parity["non_square"]  # 16x24 images: 4x6 codes each
+    assert (other["height"], other["width"], other["indices_compared"]) == (RES, RES + 8, 2 * 24)
+    assert other["index_mismatches"] == 0
 
 
 def test_vq_codebook_tamper_detected(vq_exported, tmp_path):

@@ -1,0 +1,33 @@
+"""Killing a command like a machine failure would, for resume tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # the process ended while we looked
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants: Ray starts some of its processes in their own
+    sessions, so killing the process group is not enough."""
+    for victim in descendants(pid):
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
