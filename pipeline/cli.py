@@ -22,6 +22,9 @@ class Command:
     module: str  # imported only when the command runs: `latentpipe --help` must not load torch
     schema: str  # the command's root config dataclass
     function: str  # the library function it calls with that config
+    # Key of the result that must be truthy for exit status 0 (a check that found problems
+    # still prints its report, then exits 1); "" = every result is a success.
+    ok_key: str = ""
 
     def load(self, name: str):
         return getattr(importlib.import_module(self.module), name)
@@ -70,6 +73,13 @@ COMMANDS = {
         "DemoConfig",
         "run_demo",
     ),
+    "verify": Command(
+        "check a latent corpus: checksums, exactly-once vs its input, decode PSNR",
+        "pipeline.latents.verify",
+        "VerifyConfig",
+        "verify_corpus",
+        ok_key="ok",
+    ),
 }
 
 
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("latentpipe").error("%s: %s", type(err).__name__, err)
         return 1
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    return 1 if command.ok_key and not result[command.ok_key] else 0
 
 
 def _usage(commands: dict[str, Command]) -> str:

@@ -32,6 +32,7 @@ from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
 from pipeline.encode.job import EncodeConfig, encode_corpus
+from pipeline.export import ExportConfig, export_from_checkpoint
 from pipeline.latents.format import (
     VQ_KIND,
     iter_latents,
@@ -39,7 +40,6 @@ from pipeline.latents.format import (
     load_manifest_codebook,
     lookup_codebook,
 )
-from pipeline.export import ExportConfig, export_from_checkpoint
 from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
 from pipeline.train.checkpoint import load_model

@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.config import save_resolved_config
 from pipeline.evaluate.quality import read_eval
 from pipeline.export.onnx_export import export_encoder_onnx, is_vq
-from pipeline.export.parity import parity_report
+from pipeline.export.parity import spatial_parity_report
 from pipeline.export.sidecar import build_sidecar, file_sha256, vq_fields, write_sidecar
 from pipeline.export.stats import estimate_latent_stats_counted
 
@@ -88,16 +88,18 @@ def export_model(
 
     ``output`` may be a local dir or an fsspec URL. Files are built in a temporary directory and
     only copied to ``output`` once parity passed, so a failed export leaves nothing behind.
-    Export and parity run on CPU (the reference ORT provider); ``stats_device`` only hosts the
-    latent-statistics pass. ``scale_samples`` <= 0 skips statistics (scaling_factor 1). A model
-    whose config carries a published ``scaling_factor`` (> 0, set by imports) keeps it and its
-    ``shift_factor`` in the sidecar; measured statistics are then recorded for reference only.
+    The graph has dynamic batch/height/width axes; parity is checked at ``resolution`` square and
+    at one non-square size. Export and parity run on CPU (the reference ORT provider);
+    ``stats_device`` only hosts the latent-statistics pass. ``scale_samples`` <= 0 skips
+    statistics (scaling_factor 1). A model whose config carries a published ``scaling_factor``
+    (> 0, set by imports) keeps it and its ``shift_factor`` in the sidecar; measured statistics
+    are then recorded for reference only.
     """
     model = model.eval()
     with tempfile.TemporaryDirectory(prefix="latentpipe-export-") as tmp:
         onnx_path = os.path.join(tmp, ONNX_NAME)
         export_encoder_onnx(model.to("cpu"), resolution, onnx_path, opset)
-        parity = parity_report(onnx_path, model, resolution, parity_batch, atol)
+        parity = spatial_parity_report(onnx_path, model, resolution, parity_batch, atol)
         vq = _write_codebook(model, tmp) if is_vq(model) else None
         stats = _latent_stats(model.to(stats_device), scale_shards, resolution, scale_samples)
         model.to("cpu")
@@ -112,7 +114,7 @@ def export_model(
             latent_stats=stats,
             declared_scale=_declared_scale(model),
             parity={**parity, "atol": atol, "batch": parity_batch},
-            checkpoint=checkpoint or {"path": None, "step": None},
+            checkpoint=checkpoint or {"path": None, "step": None, "sha256": None},
             vq=vq,
         )
         if quality:  # held-out figures of the checkpoint (PSNR/SSIM, nats), from training
@@ -148,21 +150,36 @@ def _publish(local_files: list[str], output: str) -> None:
         fs.put_file(path, f"{root.rstrip('/')}/{os.path.basename(path)}")
 
 
-def _checkpoint_step(ckpt_dir: str) -> int | None:
-    """Training step recorded in ``<ckpt_dir>/state.pt`` (None if it cannot be read)."""
-    path = f"{ckpt_dir.rstrip('/')}/state.pt"
+def _checkpoint_step(state_url: str) -> int | None:
+    """Training step recorded in a checkpoint's ``state.pt`` (None if it cannot be read)."""
     try:
-        if _is_local(path):
+        if _is_local(state_url):
             # mmap: only the small "step" entry is touched, not the weights/optimizer state.
-            local = path.removeprefix("file://")
+            local = state_url.removeprefix("file://")
             state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
         else:
-            with fsspec.open(path, "rb") as fh:
+            with fsspec.open(state_url, "rb") as fh:
                 state = torch.load(fh, map_location="cpu", weights_only=True)
         return int(state["step"])
     except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
-        log.warning("could not read training step from %s: %s", path, exc)
+        log.warning("could not read training step from %s: %s", state_url, exc)
         return None
+
+
+def _checkpoint_info(ckpt_dir: str) -> dict[str, Any]:
+    """The sidecar's ``checkpoint`` block: path, training step and sha256 of ``state.pt``.
+
+    The hash pins the exact weights the encoder came from (checkpoint dirs get overwritten or
+    re-uploaded); it streams the file, so remote URLs are not downloaded to disk.
+    """
+    from pipeline.train.checkpoint import STATE_FILE  # lazy: export must not require train deps
+
+    state_url = f"{ckpt_dir.rstrip('/')}/{STATE_FILE}"
+    return {
+        "path": ckpt_dir,
+        "step": _checkpoint_step(state_url),
+        "sha256": file_sha256(state_url),
+    }
 
 
 def _validate(cfg: ExportConfig) -> None:
@@ -189,7 +206,7 @@ def export_from_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
         parity_batch=cfg.parity_batch,
         scale_shards=spec,
         scale_samples=cfg.scale_samples,
-        checkpoint={"path": cfg.checkpoint, "step": _checkpoint_step(cfg.checkpoint)},
+        checkpoint=_checkpoint_info(cfg.checkpoint),
         stats_device=cfg.device,
         quality=read_eval(cfg.checkpoint),
     )

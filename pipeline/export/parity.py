@@ -8,6 +8,9 @@ rounding of the distance (|d(z, c_ort) - d(z, c_torch)| <= ``TIE_RTOL`` * (|z|^2
 distances in float64 on torch's pre-quantisation latent). Two float32 argmins over different
 kernels can legitimately split such ties; anything else fails. ``quantized`` must equal the
 codebook lookup of the ONNX indices within ``atol`` (so, where the indices agree, torch's output).
+
+Export checks the native (trained) square size and one non-square size, since the graph has
+dynamic height/width axes and the encode job feeds aspect-ratio buckets.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -147,26 +151,75 @@ def compare_vq_outputs(
     }
 
 
-def parity_report(
-    onnx_path: str, model: nn.Module, resolution: int, batch: int, atol: float, seed: int = 0
-) -> dict[str, Any]:
-    """Run both on a seeded random batch in [-1, 1]; return {"max_abs_diff", ...} or raise."""
+def random_images(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """A seeded batch in the encoder's input range [-1, 1]."""
     gen = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, resolution, resolution, generator=gen) * 2.0 - 1.0
+    return torch.rand(batch, 3, height, width, generator=gen) * 2.0 - 1.0
+
+
+def non_square_size(resolution: int, factor: int) -> tuple[int, int]:
+    """The extra size parity checks: native height, width two latent pixels wider. A width that
+    differs from the height catches a graph that swapped or fused the spatial axes."""
+    return resolution, resolution + 2 * factor
+
+
+def _compare(
+    session: ort.InferenceSession,
+    model: nn.Module,
+    images: torch.Tensor,
+    atol: float,
+    where: str,
+) -> dict[str, Any]:
+    """Run ``images`` through ORT and torch; the figures recorded in the sidecar, or raise."""
     reference = torch_reference(model, images)
     names = list(output_names(model))
-    session = make_session(onnx_path, device="cpu")
     candidate = dict(zip(names, session.run(names, {INPUT_NAME: images.numpy()}), strict=True))
     if is_vq(model):
-        report = compare_vq_outputs(model, images, reference, candidate, atol, onnx_path)
-    else:
-        report = {"max_abs_diff": compare_outputs(reference, candidate, atol, onnx_path)}
-    log.info("parity %s: %s (atol %.1e, batch %d)", onnx_path, report, atol, batch)
+        return compare_vq_outputs(model, images, reference, candidate, atol, where)
+    return {"max_abs_diff": compare_outputs(reference, candidate, atol, where)}
+
+
+def parity_report(
+    onnx_path: str,
+    model: nn.Module,
+    resolution: int,
+    batch: int,
+    atol: float,
+    seed: int = 0,
+    width: int | None = None,
+) -> dict[str, Any]:
+    """Run both on a seeded random batch of ``resolution`` x ``width`` (default: square) images
+    in [-1, 1]; return {"max_abs_diff", ...} or raise."""
+    width = width or resolution
+    images = random_images(batch, resolution, width, seed)
+    session = make_session(onnx_path, device="cpu")
+    report = _compare(session, model, images, atol, f"{onnx_path} at {resolution}x{width}")
+    log.info("parity %s at %dx%d, batch %d: %s", onnx_path, resolution, width, batch, report)
     return report
 
 
-def check_parity(
+def spatial_parity_report(
     onnx_path: str, model: nn.Module, resolution: int, batch: int, atol: float, seed: int = 0
+) -> dict[str, Any]:
+    """Parity at the native square size plus one non-square size (see :func:`non_square_size`).
+
+    Returns the native figures at the top level (as :func:`parity_report`) and the other size's
+    under ``"non_square"`` with its ``height`` and ``width``. Either failing raises.
+    """
+    height, width = non_square_size(resolution, int(model.downsample_factor))
+    report = parity_report(onnx_path, model, resolution, batch, atol, seed)
+    other = parity_report(onnx_path, model, height, batch, atol, seed + 1, width=width)
+    return {**report, "non_square": {"height": height, "width": width, **other}}
+
+
+def check_parity(
+    onnx_path: str,
+    model: nn.Module,
+    resolution: int,
+    batch: int,
+    atol: float,
+    seed: int = 0,
+    width: int | None = None,
 ) -> float:
     """Like :func:`parity_report` but returns only the max abs diff (float outputs)."""
-    return parity_report(onnx_path, model, resolution, batch, atol, seed)["max_abs_diff"]
+    return parity_report(onnx_path, model, resolution, batch, atol, seed, width)["max_abs_diff"]

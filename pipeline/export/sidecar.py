@@ -8,6 +8,13 @@ VQ encoders (``model_kind: "vq"``) add the codebook: ``codebook.npy`` beside the
 ``codebook_sha256``, plus ``num_codes``, ``code_dim``, ``distance``, ``index_shape`` and the
 ``index_dtype`` the encode job stores indices as. ``latent_shape`` and the scaling/shift factors
 then describe the *quantized* latents (the codebook lookup), which is what diffusion consumes.
+
+Spatial size: ``input.spatial`` is ``"dynamic"`` when the graph takes any height/width that are
+positive multiples of ``input.size_multiple`` (the downsample factor); ``input.shape`` and the
+``outputs`` shapes then hold None for batch and spatial axes. ``input.resolution`` stays the
+native (trained) size and ``latent_shape``/``index_shape`` the latents at that size; use
+:func:`latent_shape_for` for other sizes. Sidecars without ``input.spatial`` (older exports) and
+``"fixed"`` ones accept only ``resolution`` x ``resolution`` images.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import fsspec
 SIDECAR_FORMAT = "latentpipe.encoder"
 SIDECAR_VERSION = 1
 RESIZE_MODE = "shorter_side_bicubic_center_crop"
+SPATIAL_MODES = ("dynamic", "fixed")
 
 
 class SidecarError(ValueError):
@@ -76,12 +84,15 @@ def vq_fields(
     }
 
 
-def _outputs(shape: list[int], vq: dict[str, Any] | None) -> dict[str, Any]:
-    """Graph outputs as ``{name: [None, *dims]}`` (None = dynamic batch)."""
+def _outputs(shape: list[int], vq: dict[str, Any] | None, dynamic: bool) -> dict[str, Any]:
+    """Graph outputs as ``{name: [None, *dims]}`` (None = dynamic axis: batch, and with dynamic
+    spatial size also the latent height/width)."""
+    spatial = [None, None] if dynamic else list(shape[1:])
     if vq is None:
-        return {"outputs": {"mean": [None, *shape], "logvar": [None, *shape]}}
+        latent = [None, shape[0], *spatial]
+        return {"outputs": {"mean": latent, "logvar": list(latent)}}
     return {
-        "outputs": {"indices": [None, *shape[1:]], "quantized": [None, *shape]},
+        "outputs": {"indices": [None, *spatial], "quantized": [None, shape[0], *spatial]},
         "output_dtypes": {"indices": "int64", "quantized": "float32"},
         "index_shape": list(shape[1:]),
         **vq,
@@ -90,6 +101,51 @@ def _outputs(shape: list[int], vq: dict[str, Any] | None) -> dict[str, Any]:
 
 def _latent_shape(latent_channels: int, resolution: int, factor: int) -> list[int]:
     return [latent_channels, resolution // factor, resolution // factor]
+
+
+def _input_spec(resolution: int, factor: int, dynamic: bool) -> dict[str, Any]:
+    side = None if dynamic else resolution
+    return {
+        "name": "image",
+        "shape": [None, 3, side, side],
+        "dtype": "float32",
+        "layout": "NCHW",
+        "color": "RGB",
+        "resolution": resolution,
+        "spatial": "dynamic" if dynamic else "fixed",
+        "size_multiple": factor,
+        "resize": RESIZE_MODE,
+        "normalization": {"scale": 127.5, "offset": -1.0, "range": [-1.0, 1.0]},
+    }
+
+
+def dynamic_spatial(sidecar: dict[str, Any]) -> bool:
+    """True if the encoder takes any multiple-of-the-factor height/width (False for older
+    sidecars, which predate ``input.spatial``, and for ``"fixed"`` ones)."""
+    return sidecar.get("input", {}).get("spatial") == "dynamic"
+
+
+def latent_shape_for(sidecar: dict[str, Any], height: int, width: int) -> list[int]:
+    """Per-image latent shape ``[C, height/f, width/f]`` for ``height`` x ``width`` inputs.
+
+    KL: the shape of ``mean``/``logvar``. VQ: the shape of ``quantized`` (what ``latent_shape``
+    describes); the ``indices`` are ``[height/f, width/f]``, i.e. this shape without C.
+    Raises ValueError unless both sides are positive multiples of the downsample factor ``f``,
+    or, for an encoder without dynamic spatial axes, unless they equal its resolution.
+    """
+    factor = int(sidecar["downsample_factor"])
+    if not (height > 0 and width > 0 and height % factor == 0 and width % factor == 0):
+        raise ValueError(
+            f"image size {height}x{width} must be positive multiples of the encoder's "
+            f"downsample factor {factor}"
+        )
+    resolution = int(sidecar["input"]["resolution"])
+    if not dynamic_spatial(sidecar) and (height, width) != (resolution, resolution):
+        raise ValueError(
+            f"this encoder has a fixed input size {resolution}x{resolution} (re-export it for "
+            f"dynamic spatial size); got {height}x{width}"
+        )
+    return [int(sidecar["latent_shape"][0]), height // factor, width // factor]
 
 
 def build_sidecar(
@@ -106,13 +162,18 @@ def build_sidecar(
     checkpoint: dict[str, Any],
     declared_scale: dict[str, float] | None = None,
     vq: dict[str, Any] | None = None,
+    spatial: str = "dynamic",
 ) -> dict[str, Any]:
     """Assemble the sidecar dict (schema version 1); ``latent_stats`` has mean, std, samples, source.
 
     ``vq`` (from :func:`vq_fields`) marks a VQ encoder: its outputs are indices + quantized.
     ``declared_scale`` ({"scaling_factor", "shift_factor"}) overrides the measured factors: a
     pretrained model's diffusion counterpart was trained with the published ones.
+    ``spatial`` says whether the graph's height/width axes are "dynamic" or "fixed".
     """
+    if spatial not in SPATIAL_MODES:
+        raise ValueError(f"spatial must be one of {list(SPATIAL_MODES)}, got {spatial!r}")
+    dynamic = spatial == "dynamic"
     shape = _latent_shape(latent_channels, resolution, downsample_factor)
     std = float(latent_stats["std"])
     measured = {
@@ -127,17 +188,8 @@ def build_sidecar(
         "onnx_file": onnx_file,
         "onnx_sha256": onnx_sha256,
         "opset": opset,
-        "input": {
-            "name": "image",
-            "shape": [None, 3, resolution, resolution],
-            "dtype": "float32",
-            "layout": "NCHW",
-            "color": "RGB",
-            "resolution": resolution,
-            "resize": RESIZE_MODE,
-            "normalization": {"scale": 127.5, "offset": -1.0, "range": [-1.0, 1.0]},
-        },
-        **_outputs(shape, vq),
+        "input": _input_spec(resolution, downsample_factor, dynamic),
+        **_outputs(shape, vq, dynamic),
         "downsample_factor": downsample_factor,
         "latent_channels": latent_channels,
         "latent_shape": shape,
@@ -195,6 +247,10 @@ def load_sidecar(onnx_path: str, verify_hash: bool = True) -> dict[str, Any]:
     for key in ("onnx_sha256", "input", "latent_shape", "scaling_factor", "shift_factor"):
         if key not in data:
             raise SidecarError(f"{path}: missing required key {key!r}")
+    if not isinstance(data["input"], dict):
+        raise SidecarError(f"{path}: 'input' must be a JSON object")
+    if data["input"].get("spatial", "fixed") not in SPATIAL_MODES:
+        raise SidecarError(f"{path}: 'input.spatial' must be one of {list(SPATIAL_MODES)}")
     if data.get("model_kind") == "vq":
         for key in ("num_codes", "code_dim", "index_dtype", "codebook_file", "codebook_sha256"):
             if key not in data:

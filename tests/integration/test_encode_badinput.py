@@ -338,3 +338,24 @@ def test_buckets_group_shapes_and_record_sizes(ray_local, tiny_encoder, tmp_path
     )
     assert by_key["tall"]["target_size"][0] > by_key["tall"]["target_size"][1]
     assert by_key["square"]["target_size"][0] == by_key["square"]["target_size"][1]
+
+
+def test_readers_and_verify_on_the_real_output(bad_corpus, bad_encoded):
+    """The diffusion-side readers accept the job's output, scale it, and refuse what they must."""
+    from pipeline.latents import CorpusError, LatentDataset, VerifyConfig, verify_corpus
+
+    manifest = bad_encoded["manifest"]
+    report = verify_corpus(VerifyConfig(output=bad_encoded["dir"]))
+    assert report["ok"], report["errors"]
+    assert report["samples"] == manifest["samples"] and report["rejects"] == manifest["rejects"]
+    dataset = LatentDataset(
+        bad_encoded["dir"], batch_size=4, expected_encoder_sha256=manifest["encoder"]["sha256"]
+    )
+    batches = list(dataset)
+    assert sorted(k for b in batches for k in b["key"]) == sorted(bad_corpus["good"])
+    scaled = np.concatenate([b["latent"].numpy() for b in batches])
+    assert abs(scaled.mean()) < 1e-2 and abs(scaled.std() - 1) < 1e-2  # shifted and scaled
+    with pytest.raises(CorpusError, match="encoder"):
+        LatentDataset(bad_encoded["dir"], expected_encoder_sha256="0" * 64)
+    with pytest.raises(CorpusError, match="committed"):
+        LatentDataset(bad_encoded["dir"], shards=["latents-000099.tar"])

@@ -23,10 +23,10 @@ def test_wrong_type_and_unknown_command(capsys):
 def test_help_lists_commands_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("shards", "train", "export", "encode", "import", "report", "demo"):
+    for command in ("shards", "train", "export", "encode", "verify", "import", "report", "demo"):
         assert command in out
     assert main(["encode", "--help"]) == 0
-    assert "samples_per_shard" in capsys.readouterr().out
+    assert "bucket_max_aspect" in capsys.readouterr().out
 
 
 def test_console_script_bad_key_exits_before_ray(tmp_path):

@@ -145,9 +145,11 @@ def test_import_export_ort_chain(saved, tmp_path):
     np.testing.assert_allclose(logvar, ref.logvar.numpy(), atol=1e-4)
     # encode's manifest keeps the published factors rather than the corpus's own.
     measured = {"std": 2.0, "mean": 0.3}
-    assert manifest_scale(measured, sidecar) == {"scaling_factor": 0.5, "shift_factor": 0.1}
+    published = {"scaling_factor": 0.5, "shift_factor": 0.1, "scaling_source": "checkpoint"}
+    assert manifest_scale(measured, sidecar) == published
     data_sidecar = {**sidecar, "scaling_source": "data"}
-    assert manifest_scale(measured, data_sidecar) == {"scaling_factor": 0.5, "shift_factor": 0.3}
+    corpus = {"scaling_factor": 0.5, "shift_factor": 0.3, "scaling_source": "corpus"}
+    assert manifest_scale(measured, data_sidecar) == corpus
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         import_diffusers(ImportConfig(source=str(src), output=str(ckpt)))
 

@@ -182,7 +182,9 @@ def test_read_and_decode_stages(tmp_path):
     assert by_key["img"]["has_image"]  # field "001.png" is still the image
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     batch["has_image"] = batch["has_image"].astype(bool)
-    out = decode_batch(batch, preprocess=dataclasses.asdict(PreprocessConfig(resolution=4, bucket_area=16)))
+    out = decode_batch(
+        batch, preprocess=dataclasses.asdict(PreprocessConfig(resolution=4, bucket_area=16))
+    )
     reasons = dict(zip(out["key"], out["reject"], strict=True))
     assert reasons["good"] == "" and reasons["broken"].startswith("bad image")
     good = np.frombuffer(out["pixels"][0], np.uint8).reshape(out["height"][0], out["width"][0], 3)
