@@ -223,7 +223,9 @@ class OrtEncoder:
             int(options["threads"]),
             fp16=bool(options["fp16"]),
         )
-        self.runner = EncoderRunner(session, self.input_name, io_binding=options["io_binding"])
+        # io_binding=None: bind on CUDA sessions only (on CPU it buys nothing).
+        binding = None if options["io_binding"] else False
+        self.runner = EncoderRunner(session, self.input_name, io_binding=binding)
         log.info("encoder actor ready on %s", session.get_providers())
 
     def _outputs(self) -> list[str]:
