@@ -102,21 +102,23 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     init_ray(num_cpus=cfg.num_cpus or None)
 
-    log.info("[1/5] building the sample corpus shards")
+    log.info("[1/6] building the sample corpus shards")
     corpus = build_shards(cfg.shards)
-    log.info("[2/5] training (%d DDP workers, %d steps)", cfg.train.num_workers, cfg.train.steps)
+    log.info("[2/6] training (%d DDP workers, %d steps)", cfg.train.num_workers, cfg.train.steps)
     run_cfg = TrainRunConfig(data=cfg.data, model=cfg.model, loss=cfg.loss, train=cfg.train)
     trained = train(run_cfg)
-    log.info("[3/5] exporting the encoder to ONNX")
+    log.info("[3/6] exporting the encoder to ONNX")
     export_cfg = dataclasses.replace(cfg.export, checkpoint=trained["checkpoint"])
     sidecar = export_from_checkpoint(export_cfg)
     encoder_path = f"{export_cfg.output}/encoder.onnx"
-    log.info("[4/5] encoding the corpus with Ray Data + ONNX Runtime")
+    log.info("[4/6] encoding the corpus with Ray Data + ONNX Runtime")
     encode_cfg = dataclasses.replace(
         cfg.encode, input=f"{corpus['train']},{corpus['val']}", encoder=encoder_path
     )
     manifest = encode_corpus(encode_cfg)
-    log.info("[5/5] decoding validation latents and measuring PSNR")
+    log.info("[5/6] verifying the latent corpus (exactly once, checksums, decode PSNR)")
+    verified = _verify(cfg.encode.output, trained["checkpoint"])
+    log.info("[6/6] decoding validation latents and measuring PSNR")
     report = reconstruction_report(
         trained["checkpoint"], cfg.encode.output, corpus["val"], workdir / "report", cfg
     )
@@ -135,6 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "samples_encoded": manifest["samples"],
         "rejects": manifest["rejects"],
         "scaling_factor": manifest["scaling_factor"],
+        "verify": verified,
         "onnx_parity_max_abs_diff": sidecar["parity"]["max_abs_diff"],
         "model_kind": sidecar["model_kind"],
         **_codebook_summary(trained["metrics"], manifest),
@@ -149,6 +152,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         workdir / "summary.json",
     )
     return summary
+
+
+def _verify(latents_dir: str, checkpoint: str) -> dict:
+    """`latentpipe verify` on the demo's own corpus; a failed check fails the demo."""
+    from pipeline.latents.verify import VerifyConfig, verify_corpus
+
+    report = verify_corpus(VerifyConfig(output=latents_dir, decoder=checkpoint))
+    if not report["ok"]:
+        raise RuntimeError(f"latent corpus failed verification: {report['errors'][:3]}")
+    keys = ("ok", "samples", "rejects", "input_keys", "decoded", "psnr_db")
+    return {k: report[k] for k in keys}
 
 
 def _codebook_summary(train_metrics: dict, manifest: dict) -> dict:

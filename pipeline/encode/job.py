@@ -228,22 +228,31 @@ def build_dataset(cfg: EncodeConfig, units: list[tuple[int, str]], sidecar, prep
 
 
 class Progress:
-    """images done / total, images/s, ETA and rejects so far, at most every ``every_s``."""
+    """images done / total, images/s, ETA and rejects so far, at most every ``every_s``.
+
+    Images count as done when their encoding reaches the driver; rejects are exact for
+    committed units plus the rows of the current unit already known to be bad.
+    """
 
     def __init__(self, total: int | None, done: int, rejects: int, every_s: float) -> None:
         self.total = total
         self.start_done = done
         self.done = done
-        self.rejects = rejects
+        self.committed_rejects = rejects
+        self.pending_rejects = 0  # rows of the unit in progress that carry a reason
         self.every_s = every_s
         self.start = time.monotonic()
         self.last = self.start
 
-    def add(self, rows: int, rejects: int = 0) -> None:
+    def add_rows(self, rows: int, with_reason: int) -> None:
         self.done += rows
-        self.rejects += rejects
+        self.pending_rejects += with_reason
         if time.monotonic() - self.last >= self.every_s:
             self.log()
+
+    def unit_committed(self, rejects: int) -> None:
+        self.committed_rejects += rejects
+        self.pending_rejects = 0
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.start
@@ -258,7 +267,7 @@ class Progress:
             total,
             self.rate(),
             self._eta(),
-            self.rejects,
+            self.committed_rejects + self.pending_rejects,
         )
 
     def _eta(self) -> str:
@@ -276,7 +285,10 @@ def _run_units(cfg, pending, sidecar, preprocess, committer, progress, run_info)
     current: int | None = None
     rows: list = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        for unit, is_trailer, row in rows_from_batch(batch):
+        arrived = rows_from_batch(batch)
+        samples = [row for _, is_trailer, row in arrived if not is_trailer]
+        progress.add_rows(len(samples), sum(1 for row in samples if row.reject))
+        for unit, is_trailer, row in arrived:
             if current is not None and unit != current:
                 raise RuntimeError(f"unit {current} ended without its trailer (got unit {unit})")
             current = unit
@@ -287,7 +299,7 @@ def _run_units(cfg, pending, sidecar, preprocess, committer, progress, run_info)
                 raise RuntimeError(f"unit {unit}: {len(rows)} rows arrived, {row.seq} were read")
             extra = {**run_info, "elapsed_s": round(time.monotonic() - progress.start, 3)}
             record = committer.commit(unit, urls[unit], rows, extra)
-            progress.add(len(rows), len(record["rejects"]))
+            progress.unit_committed(len(record["rejects"]))
             current, rows = None, []
     if current is not None:
         raise RuntimeError(f"the pipeline ended inside unit {current}")
@@ -343,6 +355,8 @@ def latent_spec(cfg: EncodeConfig, sidecar: dict[str, Any], shapes: list[list[in
         "sizes_field": SIZES_FIELD,
         "num_codes": int(sidecar["num_codes"]),
         "code_dim": int(sidecar["code_dim"]),
+        # codebook lookup of the indices: the quantized latent [C, h, w] diffusion reads
+        "lookup_shape": [int(sidecar["code_dim"]), *shape] if shape else None,
         "codebook_file": CODEBOOK_FILE,
         "codebook_sha256": sidecar["codebook_sha256"],
     }

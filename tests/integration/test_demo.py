@@ -23,6 +23,9 @@ def test_summary_names_every_artifact(demo_summary):
         assert Path(demo_summary[key]).exists(), key
     assert demo_summary["psnr_db"] > 10  # 30 steps: far from good, far from noise
     assert demo_summary["rejects"] == 0
+    verified = demo_summary["verify"]
+    assert verified["ok"] and verified["samples"] == demo_summary["samples_encoded"]
+    assert verified["decoded"] == 16 and verified["psnr_db"] > 10
 
 
 def test_latent_shards_read_with_webdataset_match_manifest(demo_summary):

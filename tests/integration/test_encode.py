@@ -392,3 +392,17 @@ def test_vq_tampered_codebook_refused(corpus, tiny_vq_encoder, tmp_path):
     with pytest.raises(SidecarError, match="codebook"):
         encode_corpus(cfg)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_progress_lines_name_done_total_rate_eta_rejects(ray_local, corpus, tiny_encoder, caplog):
+    cfg = EncodeConfig(
+        input=corpus["dir"], output="memory://progress", encoder=tiny_encoder, progress_every_s=1e-6
+    )
+    with caplog.at_level("INFO", logger="pipeline.encode.job"):
+        encode_corpus(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoded ")]
+    assert len(lines) >= 2
+    # index.json promises 17 samples; the truncated shard delivers 3 of its 4 (2 + 1 partial).
+    assert re.fullmatch(
+        r"encoded 16/17 images \([\d.]+ img/s, ETA \dh\d\dm\d\ds\), 5 rejected so far", lines[-1]
+    )
