@@ -17,40 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from typing import Any
 
 import fsspec
 
-from pipeline.config import save_resolved_config
 from pipeline.encode.config import EncodeConfig, StorageConfig, validate_config
 from pipeline.encode.identity import EncodeConflictError, claim_output, job_identity
+from pipeline.encode.manifest import channels, finalize, wall_time
+from pipeline.encode.progress import Progress
 from pipeline.encode.stages import is_vq
-from pipeline.encode.stats import ChannelStats, CodeUsage
 from pipeline.encode.units import StoragePlan, UnitCommitter, rows_from_batch
 from pipeline.latents.format import (
-    CODEBOOK_FILE,
     INDICES_FIELD,
     LATENT_FIELD,
     MANIFEST_FILE,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-    MEAN_KIND,
-    REJECTS_FILE,
-    SAMPLE_KIND,
-    SIZES_FIELD,
-    STD_FIELD,
-    VQ_KIND,
     join_url,
     parse_codebook,
     read_commits,
     read_hashed,
     read_json,
-    storage_dtype,
-    write_bytes_atomic,
-    write_json_atomic,
 )
 
 __all__ = ["EncodeConfig", "EncodeConflictError", "StorageConfig", "encode_corpus"]
@@ -135,10 +122,6 @@ def _storage_plan(cfg: EncodeConfig, sidecar: dict[str, Any], codebook) -> Stora
         sample_seed=cfg.storage.sample_seed,
         codebook=None if codebook is None else codebook[1],
     )
-
-
-def _channels(sidecar: dict[str, Any]) -> int:
-    return int(sidecar["code_dim"]) if is_vq(sidecar) else int(sidecar["latent_shape"][0])
 
 
 # ----------------------------------------------------------------------------- Ray pipeline
@@ -227,57 +210,6 @@ def build_dataset(cfg: EncodeConfig, units: list[tuple[int, str]], sidecar, prep
     return ds
 
 
-class Progress:
-    """images done / total, images/s, ETA and rejects so far, at most every ``every_s``.
-
-    Images count as done when their encoding reaches the driver; rejects are exact for
-    committed units plus the rows of the current unit already known to be bad.
-    """
-
-    def __init__(self, total: int | None, done: int, rejects: int, every_s: float) -> None:
-        self.total = total
-        self.start_done = done
-        self.done = done
-        self.committed_rejects = rejects
-        self.pending_rejects = 0  # rows of the unit in progress that carry a reason
-        self.every_s = every_s
-        self.start = time.monotonic()
-        self.last = self.start
-
-    def add_rows(self, rows: int, with_reason: int) -> None:
-        self.done += rows
-        self.pending_rejects += with_reason
-        if time.monotonic() - self.last >= self.every_s:
-            self.log()
-
-    def unit_committed(self, rejects: int) -> None:
-        self.committed_rejects += rejects
-        self.pending_rejects = 0
-
-    def rate(self) -> float:
-        elapsed = time.monotonic() - self.start
-        return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
-
-    def log(self) -> None:
-        self.last = time.monotonic()
-        total = "?" if self.total is None else str(self.total)
-        log.info(
-            "encoded %d/%s images (%.1f img/s, ETA %s), %d rejected so far",
-            self.done,
-            total,
-            self.rate(),
-            self._eta(),
-            self.committed_rejects + self.pending_rejects,
-        )
-
-    def _eta(self) -> str:
-        rate = self.rate()
-        if self.total is None or rate <= 0:
-            return "?"
-        seconds = int(max(self.total - self.done, 0) / rate)
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
 def _run_units(cfg, pending, sidecar, preprocess, committer, progress, run_info) -> None:
     """Stream the pending units through Ray and commit each as its trailer arrives."""
     ds = build_dataset(cfg, pending, sidecar, preprocess)
@@ -306,134 +238,6 @@ def _run_units(cfg, pending, sidecar, preprocess, committer, progress, run_info)
 
 
 # ----------------------------------------------------------------------------- finishing
-
-
-def manifest_scale(stats: dict[str, Any], sidecar: dict[str, Any]) -> dict[str, Any]:
-    """scaling/shift factor for the manifest: the corpus's own, unless the encoder was exported
-    with published factors (an imported model), which its diffusion model was trained with."""
-    if sidecar.get("scaling_source") == "checkpoint":
-        return {
-            **{k: float(sidecar[k]) for k in ("scaling_factor", "shift_factor")},
-            "scaling_source": "checkpoint",
-        }
-    std = stats["std"]
-    # Fall back to the sidecar's estimate when nothing was encoded (or std is degenerate).
-    usable = std is not None and std > 0 and math.isfinite(std)
-    return {
-        "scaling_factor": 1.0 / std if usable else float(sidecar["scaling_factor"]),
-        "shift_factor": stats["mean"] if usable else float(sidecar["shift_factor"]),
-        "scaling_source": "corpus" if usable else "sidecar",
-    }
-
-
-def latent_spec(cfg: EncodeConfig, sidecar: dict[str, Any], shapes: list[list[int]]) -> dict:
-    """The manifest's ``latent`` block: what each sample stores, and how to read it."""
-    shape = shapes[0] if len(shapes) == 1 else None
-    if not is_vq(sidecar):
-        std_field = STD_FIELD if cfg.storage.store_std else None
-        return {
-            "kind": SAMPLE_KIND if cfg.storage.latent == "sample" else MEAN_KIND,
-            "field": LATENT_FIELD,
-            "dtype": cfg.storage.dtype,
-            "storage_dtype": storage_dtype(cfg.storage.dtype),
-            "channels": _channels(sidecar),
-            "shape": shape,
-            "shapes": shapes,
-            "std_field": std_field,
-            "sizes_field": SIZES_FIELD,
-            "sample_seed": cfg.storage.sample_seed if cfg.storage.latent == "sample" else None,
-        }
-    return {
-        "kind": VQ_KIND,
-        "field": INDICES_FIELD,
-        "dtype": sidecar["index_dtype"],
-        "storage_dtype": sidecar["index_dtype"],
-        "channels": _channels(sidecar),
-        "shape": shape,
-        "shapes": shapes,
-        "std_field": None,
-        "sizes_field": SIZES_FIELD,
-        "num_codes": int(sidecar["num_codes"]),
-        "code_dim": int(sidecar["code_dim"]),
-        # codebook lookup of the indices: the quantized latent [C, h, w] diffusion reads
-        "lookup_shape": [int(sidecar["code_dim"]), *shape] if shape else None,
-        "codebook_file": CODEBOOK_FILE,
-        "codebook_sha256": sidecar["codebook_sha256"],
-    }
-
-
-def _wall_time(records: list[dict[str, Any]], this_run: str, this_run_s: float) -> float:
-    """Sum over runs of the time each spent until its last commit (this run: until now)."""
-    per_run: dict[str, float] = {}
-    for record in records:
-        run = record.get("run", "")
-        per_run[run] = max(per_run.get(run, 0.0), float(record.get("elapsed_s", 0.0)))
-    per_run[this_run] = this_run_s
-    return sum(per_run.values())
-
-
-def _rejects_bytes(records: list[dict[str, Any]]) -> bytes:
-    import json
-
-    lines = [json.dumps(r) + "\n" for record in records for r in record["rejects"]]
-    return "".join(lines).encode("utf-8")
-
-
-def _finalize(cfg, sidecar, preprocess, identity, records, codebook, run_info, wall) -> dict:
-    """Write codebook, rejects.jsonl, index.json, the config and, last, manifest.json."""
-    from pipeline.data.tario import ShardInfo, write_index
-
-    stats = ChannelStats(_channels(sidecar))
-    codes = CodeUsage(len(codebook[1])) if codebook is not None else None
-    for record in records:
-        stats.merge(ChannelStats.from_state(record["stats"]))
-        if codes is not None:
-            codes.merge(record["code_counts"])
-    summary = stats.summary()
-    shards = [entry for record in records for entry in record["shards"]]
-    shapes = sorted({tuple(s["latent_shape"]) for s in shards}) or [_native_shape(sidecar)]
-    if codebook is not None:
-        write_bytes_atomic(join_url(cfg.output, CODEBOOK_FILE), codebook[0])
-    write_bytes_atomic(join_url(cfg.output, REJECTS_FILE), _rejects_bytes(records))
-    infos = [ShardInfo(s["name"], s["samples"], s["bytes"]) for s in shards]
-    field = INDICES_FIELD if codebook is not None else LATENT_FIELD
-    write_index(cfg.output, infos, extra={"format": MANIFEST_FORMAT, "latent_field": field})
-    save_resolved_config(cfg, cfg.output, "encode-config.yaml")
-    rows = sum(r["rows"] for r in records)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "encoder": {"path": cfg.encoder, "sha256": sidecar["onnx_sha256"], "sidecar": sidecar},
-        "job": identity,
-        "preprocess": dataclasses.asdict(preprocess),
-        "storage": dataclasses.asdict(cfg.storage),
-        "latent": latent_spec(cfg, sidecar, [list(s) for s in shapes]),
-        **manifest_scale(summary, sidecar),
-        "measured_mean": summary["mean"],
-        "measured_std": summary["std"],
-        "channel_mean": summary["channel_mean"],
-        "channel_std": summary["channel_std"],
-        "values_per_channel": summary["values_per_channel"],
-        **({"code_usage": codes.summary()} if codes is not None else {}),
-        "shards": shards,
-        "inputs": identity["inputs"],
-        "input_samples": rows,
-        "samples": sum(r["samples"] for r in records),
-        "rejects": sum(len(r["rejects"]) for r in records),
-        "rejects_file": REJECTS_FILE,
-        "merged_keys": sum(r["merged_keys"] for r in records),
-        "replaced_fields": sum(r["replaced_fields"] for r in records),
-        "wall_time_s": round(wall, 3),
-        "images_per_s": round(rows / wall, 3) if wall > 0 else None,
-        "runs": len({r.get("run", "") for r in records} | {run_info["run"]}),
-    }
-    write_json_atomic(join_url(cfg.output, MANIFEST_FILE), manifest)  # last: the corpus is done
-    return manifest
-
-
-def _native_shape(sidecar: dict[str, Any]) -> tuple[int, ...]:
-    shape = tuple(int(x) for x in sidecar["latent_shape"])
-    return shape[1:] if is_vq(sidecar) else shape
 
 
 def _finished_manifest(output: str) -> dict[str, Any] | None:
@@ -507,8 +311,8 @@ def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"units {missing[:5]} are not committed after the run; re-run to finish")
     ordered = [records[u] for u in range(len(urls))]
-    wall = _wall_time(ordered, run_info["run"], time.monotonic() - start)
-    manifest = _finalize(cfg, sidecar, preprocess, identity, ordered, codebook, run_info, wall)
+    wall = wall_time(ordered, run_info["run"], time.monotonic() - start)
+    manifest = finalize(cfg, sidecar, preprocess, identity, ordered, codebook, run_info, wall)
     log.info(
         "wrote %d latents in %d shard(s) to %s (%d rejected, %.1f img/s)",
         manifest["samples"],
@@ -523,9 +327,10 @@ def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
 def _encode_pending(cfg, sidecar, preprocess, codebook, urls, records, pending, run_info) -> None:
     import ray
 
-    channels = _channels(sidecar)
     plan = _storage_plan(cfg, sidecar, codebook)
-    committer = UnitCommitter(cfg.output, cfg.prefix, plan, channels, preprocess.mode == "buckets")
+    committer = UnitCommitter(
+        cfg.output, cfg.prefix, plan, channels(sidecar), preprocess.mode == "buckets"
+    )
     committer.remember(records)
     done = sum(r["rows"] for r in records.values())
     rejects = sum(len(r["rejects"]) for r in records.values())

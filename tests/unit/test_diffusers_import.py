@@ -12,7 +12,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from pipeline.encode.job import manifest_scale  # noqa: E402
+from pipeline.encode.manifest import manifest_scale  # noqa: E402
 from pipeline.encode.session import make_session  # noqa: E402
 from pipeline.export import ExportConfig, export_from_checkpoint, load_sidecar  # noqa: E402
 from pipeline.importers.diffusers import (  # noqa: E402
