@@ -216,7 +216,9 @@ def _run_units(cfg, pending, sidecar, preprocess, committer, progress, run_info)
     urls = dict(pending)
     current: int | None = None
     rows: list = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+    # No prefetch: Ray would hold each block back until the next ones exist, and a unit is only
+    # committed when its trailer reaches us.
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         arrived = rows_from_batch(batch)
         samples = [row for _, is_trailer, row in arrived if not is_trailer]
         progress.add_rows(len(samples), sum(1 for row in samples if row.reject))
