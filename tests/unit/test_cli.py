@@ -47,7 +47,7 @@ def test_console_script_bad_key_exits_before_ray(tmp_path):
 def test_job_entrypoints_are_the_cli(tmp_path):
     """jobs/*.py run from any working directory (as `ray job submit` does) and speak the CLI."""
     jobs = Path(__file__).resolve().parents[2] / "jobs"
-    for name in ("train", "export", "encode"):
+    for name in ("train", "export", "encode", "verify"):
         proc = subprocess.run(
             [sys.executable, str(jobs / f"{name}.py"), "--help"],
             capture_output=True,
