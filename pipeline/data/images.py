@@ -9,12 +9,15 @@ square uint8 HWC array, and `normalize` / `denormalize` map between uint8 HWC an
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# In priority order: a sample with both a .jpg and a .gif thumbnail is the .jpg.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 DEFAULT_MAX_PIXELS = 64_000_000
 _WHITE = (255, 255, 255, 255)
 _ORIENTATION_TAG = 0x0112
@@ -33,7 +36,14 @@ AXES_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 class BadImageError(ValueError):
-    """The bytes are not a usable image; the message says why."""
+    """The bytes are not a usable image; the message says why.
+
+    Object addresses (PIL's "<_io.BytesIO object at 0x7f...>") are dropped from the message:
+    reasons are recorded in rejects.jsonl, which must be identical on every run.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_ADDRESS.sub("", message))
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -196,3 +196,18 @@ def test_exif_orientation_without_decoding():
     assert plain.tile  # still not decoded
     bogus = Image.open(io.BytesIO(_encode(Image.new("RGB", (8, 4)), "JPEG", exif=_exif(42))))
     assert exif_orientation(bogus) == 1  # out-of-range tags are ignored
+
+
+def test_bad_image_reasons_are_stable_across_runs():
+    """rejects.jsonl must be byte-identical on every run: no object addresses in reasons."""
+    with pytest.raises(BadImageError) as first:
+        decode_image(b"definitely not an image")
+    assert " at 0x" not in str(first.value) and "not a decodable image" in str(first.value)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_other_photo_formats_have_image_fields(fmt):
+    ext = {"GIF": "gif", "BMP": "bmp", "TIFF": "tif"}[fmt]
+    data = _encode(Image.new("RGB", (8, 8), (10, 200, 30)), fmt)
+    assert find_image_field({"txt": b"x", ext: data}) == ext
+    assert decode_image(data).size == (8, 8)
