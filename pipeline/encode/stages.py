@@ -73,6 +73,12 @@ def key_problem(key: str) -> str:
 
     if not key:
         return "empty key"
+    if "." in key.rsplit("/", 1)[-1] and ".." not in key:
+        return (
+            "key contains a dot in its file-name part: WebDataset readers split member names at "
+            f"the first dot, so it cannot be written under this key (sanitize_key gives "
+            f"{sanitize_key(key)!r})"
+        )
     if len(key) > MAX_KEY_LEN or not SAFE_KEY.match(key):
         safe = sanitize_key(key)
         return f"unsafe key (not [A-Za-z0-9_-] path segments; sanitize_key gives {safe!r})"
@@ -84,6 +90,34 @@ def _row(unit: int, seq: int, key: str, **fields: Any) -> dict[str, Any]:
     row.update({"extras": "{}", "reject": "", "image": b""})
     row.update(fields)
     return row
+
+
+def split_dotted_keys(key: str, files: dict[str, bytes]) -> list[tuple[str, dict[str, bytes]]]:
+    """Recover keys that contain dots from WebDataset's grouping.
+
+    WebDataset splits a member name at the first dot of its file name, so ``img.001.jpg`` and
+    ``img.001.txt`` arrive as key ``img`` with fields ``001.jpg`` and ``001.txt``. When every
+    field of a group has such a dotted prefix, the group is really one sample per prefix,
+    keyed ``img.001`` (which :func:`key_problem` then rejects by name instead of the job
+    inventing a key ``img``). Groups with any plain field (``x.jpg`` + ``x.seg.png``) keep
+    WebDataset's reading.
+    """
+    if not files or not all("." in ext for ext in files):
+        return [(key, files)]
+    samples: dict[str, dict[str, bytes]] = {}
+    for ext, data in files.items():
+        head, rest = ext.split(".", 1)
+        samples.setdefault(f"{key}.{head}", {})[rest] = data
+    return list(samples.items())
+
+
+def iter_input_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, files) of an input shard exactly as the encode job reads it (see
+    :func:`split_dotted_keys`); raises TruncatedShardError like ``iter_tar_samples``."""
+    from pipeline.data.tario import iter_tar_samples
+
+    for sample in iter_tar_samples(url):
+        yield from split_dotted_keys(sample.key, sample.files)
 
 
 def image_field(files: dict[str, bytes]) -> str | None:
@@ -118,13 +152,13 @@ def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
     A truncated or corrupt tar yields its complete samples, then one reject row for the sample
     that was being read (its key, or "" when unknown) naming the shard and the error.
     """
-    from pipeline.data.tario import TruncatedShardError, iter_tar_samples
+    from pipeline.data.tario import TruncatedShardError
 
     unit, url = int(row["unit"]), row["url"]
     seq = 0
     try:
-        for sample in iter_tar_samples(url):
-            yield _sample_row(unit, seq, sample.key, sample.files)
+        for key, files in iter_input_samples(url):
+            yield _sample_row(unit, seq, key, files)
             seq += 1
     except TruncatedShardError as e:
         log.warning("truncated shard %s after key %r: %s", url, e.last_good_key, e)

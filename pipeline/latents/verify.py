@@ -209,15 +209,16 @@ def check_totals(
 def scan_inputs(urls: list[str], findings: Findings) -> InputIndex:
     """Keys of every input shard, as the job read them (a truncated shard: its complete
     samples plus the partial one, which the job rejects under its key)."""
-    from pipeline.data.tario import TruncatedShardError, iter_tar_samples
+    from pipeline.data.tario import TruncatedShardError
+    from pipeline.encode.stages import iter_input_samples
 
     index = InputIndex()
     for url in urls:
         keys = index.keys_by_shard.setdefault(url, set())
         try:
-            for sample in iter_tar_samples(url):
-                keys.add(sample.key)
-                index.occurrences[sample.key] += 1
+            for key, _files in iter_input_samples(url):
+                keys.add(key)
+                index.occurrences[key] += 1
         except TruncatedShardError as e:
             findings.warn(f"input shard {url} is truncated: {e.reason}")
             if e.partial_key is not None:
@@ -383,8 +384,8 @@ def _source_images(
 ) -> dict[str, bytes]:
     """key -> image bytes from the input shard each picked latent came from (the first
     image-bearing sample of that key, as the job takes)."""
-    from pipeline.data.images import find_image_field
-    from pipeline.data.tario import TruncatedShardError, iter_tar_samples
+    from pipeline.data.tario import TruncatedShardError
+    from pipeline.encode.stages import image_field, iter_input_samples
 
     by_source: dict[str, set[str]] = {}
     for key, position in latents:
@@ -392,10 +393,10 @@ def _source_images(
     images: dict[str, bytes] = {}
     for url, keys in by_source.items():
         try:
-            for sample in iter_tar_samples(url):
-                ext = find_image_field(sample.files)
-                if sample.key in keys and ext is not None and sample.key not in images:
-                    images[sample.key] = sample.files[ext]
+            for key, files in iter_input_samples(url):
+                ext = image_field(files)
+                if key in keys and ext is not None and key not in images:
+                    images[key] = files[ext]
         except (TruncatedShardError, OSError):
             pass  # complete samples were seen; the input scan reports the damage
         for key in sorted(keys - images.keys()):

@@ -133,6 +133,9 @@ def bad_corpus(tmp_path_factory) -> dict:
     # "a.b.png": WebDataset reads key "a" with field "b.png", still an image.
     members += [("multi.part.png", _save(_photo(), "PNG")), ("multi.txt", b"multi caption")]
     members += _members("../escape", "png", _save(_photo(), "PNG"))
+    # Keys with a dot in the file-name part: WebDataset would read both as key "img".
+    members += _members("img.001", "png", _save(_photo(), "PNG"))
+    members += _members("img.002", "png", _save(_photo(), "PNG"))
     members += [("no_image.txt", b"text only"), ("no_image.json", b"{}")]
     sizes = [_write_tar(os.path.join(root, "shard-000000.tar"), members)]
     sizes.append(_write_tar(os.path.join(root, "shard-000001.tar"), []))  # an empty shard
@@ -146,7 +149,7 @@ def bad_corpus(tmp_path_factory) -> dict:
     sizes.append(_write_tar(os.path.join(root, "shard-000003.tar"), dup))
     from pipeline.data.tario import ShardInfo
 
-    counts = [len(good) + len(bad) + 5, 0, 3, 2]
+    counts = [len(good) + len(bad) + 7, 0, 3, 2]
     write_index(
         root,
         [
@@ -157,6 +160,7 @@ def bad_corpus(tmp_path_factory) -> dict:
     expected_good = set(good) | {"split", "between", "multi", "t0", "fresh"}
     expected_rejects = {key: reason for key, (_, _, reason) in bad.items()}
     expected_rejects |= {"../escape": "unsafe key", "no_image": "no image field", "t1": "truncated"}
+    expected_rejects |= {"img.001": "contains a dot", "img.002": "contains a dot"}
     return {"dir": root, "good": expected_good, "rejects": expected_rejects}
 
 

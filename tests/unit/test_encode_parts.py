@@ -110,6 +110,20 @@ def test_extras_round_trip_binary():
     assert unpack_extras(packed) == files
 
 
+def test_split_dotted_keys():
+    from pipeline.encode.stages import split_dotted_keys
+
+    # img.001.jpg, img.001.txt, img.002.jpg: WebDataset's key "img" is really two dotted keys.
+    files = {"001.jpg": b"a", "001.txt": b"b", "002.jpg": b"c"}
+    assert split_dotted_keys("img", files) == [
+        ("img.001", {"jpg": b"a", "txt": b"b"}),
+        ("img.002", {"jpg": b"c"}),
+    ]
+    # A plain field means WebDataset's reading: sample "x" with a multi-part field.
+    mixed = {"jpg": b"a", "seg.png": b"b"}
+    assert split_dotted_keys("x", mixed) == [("x", mixed)]
+
+
 def test_key_problem():
     assert key_problem("abc_01-x") == ""
     assert key_problem("dir/sub/abc") == ""
@@ -169,7 +183,7 @@ def test_read_and_decode_stages(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     rows = list(read_shard({"unit": 3, "url": url}))
-    keys = ["good", "broken", "textonly", "../escape", "v1.2/dotted", "img", ""]
+    keys = ["good", "broken", "textonly", "../escape", "v1.2/dotted", "img.001", ""]
     assert [r["key"] for r in rows] == keys
     assert [r["seq"] for r in rows] == list(range(7)) and {r["unit"] for r in rows} == {3}
     assert [r["end"] for r in rows] == [False] * 6 + [True]
@@ -179,7 +193,7 @@ def test_read_and_decode_stages(tmp_path):
     assert by_key["textonly"]["reject"] == "" and not by_key["textonly"]["has_image"]
     assert "unsafe key" in by_key["../escape"]["reject"]
     assert by_key["v1.2/dotted"]["reject"] == "" and by_key["v1.2/dotted"]["has_image"]
-    assert by_key["img"]["has_image"]  # field "001.png" is still the image
+    assert "dot" in by_key["img.001"]["reject"]  # "img.001.png": a key with a dot, named
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     batch["has_image"] = batch["has_image"].astype(bool)
     out = decode_batch(
