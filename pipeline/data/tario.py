@@ -189,6 +189,11 @@ def _iter_grouped(url: str, reader: _TrackingReader) -> Iterator[TarSample]:
             if not _ended_cleanly(tf, reader):
                 raise tarfile.ReadError("missing end-of-archive marker (stream cut short?)")
     except _STREAM_ERRORS as err:
+        if reader.pos == 0 and reader.error is None:
+            # A 0-byte file: an empty shard (often written by a producer with nothing to put
+            # in it), not a damaged one. Nothing is lost; callers see no samples.
+            log.warning("%s is empty (0 bytes): no samples", url)
+            return
         cause = reader.error or err  # the decompression error explains tarfile's complaint
         partial = current.key if current is not None else None
         reason = f"{type(cause).__name__}: {cause}"

@@ -149,6 +149,8 @@ def finalize(cfg, sidecar, preprocess, identity, records, codebook, run_info, wa
         "shards": shards,
         "inputs": identity["inputs"],
         "input_samples": rows,
+        # Inputs that held no sample at all (an empty tar or a 0-byte file): listed, not silent.
+        "empty_inputs": [r["input"] for r in records if r["rows"] == 0],
         "samples": sum(r["samples"] for r in records),
         "rejects": sum(len(r["rejects"]) for r in records),
         "rejects_file": REJECTS_FILE,

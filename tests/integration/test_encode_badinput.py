@@ -147,9 +147,11 @@ def bad_corpus(tmp_path_factory) -> dict:
     # A key that an earlier shard already provided, and one fresh sample.
     dup = _members("png_rgb", "png", _save(_photo(), "PNG")) + _members("fresh", "png", split_image)
     sizes.append(_write_tar(os.path.join(root, "shard-000003.tar"), dup))
+    open(os.path.join(root, "shard-000004.tar"), "wb").close()  # a 0-byte "empty shard"
+    sizes.append(0)
     from pipeline.data.tario import ShardInfo
 
-    counts = [len(good) + len(bad) + 7, 0, 3, 2]
+    counts = [len(good) + len(bad) + 7, 0, 3, 2, 0]
     write_index(
         root,
         [
@@ -191,6 +193,10 @@ def test_every_good_sample_once_every_bad_one_rejected_once(bad_corpus, bad_enco
     assert manifest["samples"] == len(bad_corpus["good"])
     assert manifest["rejects"] == len(bad_corpus["rejects"]) + 1
     assert manifest["merged_keys"] == 1  # "split"
+    assert [u.rsplit("/", 1)[1] for u in manifest["empty_inputs"]] == [
+        "shard-000001.tar",
+        "shard-000004.tar",
+    ]
 
 
 def test_captions_and_metadata_carried_through(bad_encoded):
