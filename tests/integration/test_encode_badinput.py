@@ -369,3 +369,28 @@ def test_readers_and_verify_on_the_real_output(bad_corpus, bad_encoded):
         LatentDataset(bad_encoded["dir"], expected_encoder_sha256="0" * 64)
     with pytest.raises(CorpusError, match="committed"):
         LatentDataset(bad_encoded["dir"], shards=["latents-000099.tar"])
+
+
+def test_bucketed_corpus_reads_in_stackable_batches(ray_local, tiny_encoder, tmp_path):
+    """Diffusion-side reading of a bucketed corpus: every batch holds one shape, with sizes."""
+    from pipeline.data.tario import TarShardWriter
+    from pipeline.latents import LatentDataset, read_latents
+
+    src = str(tmp_path / "images")
+    sizes = [(64, 32), (32, 64), (40, 40), (66, 30), (30, 62), (41, 39)]
+    with TarShardWriter(src, prefix="shard", max_samples=3) as writer:
+        for i, size in enumerate(sizes):
+            writer.write(f"img{i}", {"png": _save(_photo(size), "PNG"), "txt": f"c{i}".encode()})
+    write_index(src, writer.shards)
+    pre = PreprocessConfig(mode="buckets", resolution=32, bucket_step=8)
+    out = str(tmp_path / "out")
+    encode_corpus(EncodeConfig(input=src, output=out, encoder=tiny_encoder, preprocess=pre))
+    batches = list(LatentDataset(out, batch_size=2))
+    assert sum(len(b["key"]) for b in batches) == len(sizes)
+    for batch in batches:
+        n, _, h, w = batch["latent"].shape
+        assert batch["target_size"].tolist() == [[h * 2, w * 2]] * n
+        assert batch["caption"] == [f"c{k[3:]}" for k in batch["key"]]
+    rows = read_latents(out, bucket=(24, 40)).take_all()  # the wide bucket: 64x32 and 66x30
+    assert sorted(r["key"] for r in rows) == ["img0", "img3"]
+    assert all(np.asarray(r["latent"]).shape == (4, 12, 20) for r in rows)
