@@ -28,7 +28,7 @@ from pipeline.encode.identity import EncodeConflictError, claim_output, job_iden
 from pipeline.encode.manifest import channels, finalize, wall_time
 from pipeline.encode.progress import Progress
 from pipeline.encode.stages import is_vq
-from pipeline.encode.units import StoragePlan, UnitCommitter, rows_from_batch
+from pipeline.encode.units import LatentLayout, StoragePlan, UnitCommitter, rows_from_batch
 from pipeline.latents.format import (
     INDICES_FIELD,
     LATENT_FIELD,
@@ -120,6 +120,12 @@ def _storage_plan(cfg: EncodeConfig, sidecar: dict[str, Any], codebook) -> Stora
         sample=cfg.storage.latent == "sample" and not vq,
         store_std=cfg.storage.store_std and not vq,
         sample_seed=cfg.storage.sample_seed,
+        layout=LatentLayout(
+            channels=int(sidecar["latent_shape"][0]),
+            factor=int(sidecar["downsample_factor"]),
+            dtype=str(sidecar["index_dtype"]) if vq else "float32",
+            vq=vq,
+        ),
         codebook=None if codebook is None else codebook[1],
     )
 

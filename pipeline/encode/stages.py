@@ -14,9 +14,9 @@ The unit of work is one input shard ("unit"). Rows travel through Ray/Arrow as p
   image: bytes   raw image bytes (read stage only)
   pixels: bytes  raw uint8 HWC pixels with height/width: int columns; orig_h, orig_w, crop_top,
                  crop_left: int size conditioning (decode stage)
-  latent, std: bytes  .npy of the encoder outputs (encoder stage): float32 [C, h, w] posterior
-                 mean (std: b"" unless stored or sampled), or VQ code indices [h, w] in the
-                 sidecar's index dtype. Binary columns carry the differently shaped rows of
+  latent, std: bytes  C-order buffers of the encoder outputs (encoder stage): float32
+                 [C, h, w] posterior mean (std: b"" unless stored or sampled), or VQ code indices
+                 [h, w] in the sidecar's index dtype; shapes follow from height/width. Binary columns carry the differently shaped rows of
                  aspect-ratio buckets without ragged-tensor types.
 Every input row reaches the driver, which records each key exactly once, in a latent shard or
 in rejects.jsonl. Images cross the object store as uint8 (4x smaller than float32).
@@ -289,8 +289,6 @@ class OrtEncoder:
         return out
 
     def _encode(self, pixels, shape, rows: list[int], latents, stds, rejects: list[str]) -> None:
-        from pipeline.latents.format import encode_npy
-
         h, w = shape
         images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in rows])
         # HWC uint8 -> NCHW float32 in the sidecar's range (x / scale + offset).
@@ -299,15 +297,16 @@ class OrtEncoder:
         self._check_shape(results[0], shape)
         for j, i in enumerate(rows):
             if self.vq:
-                latents[i] = encode_npy(self._indices(results[0][j]))
+                latents[i] = self._indices(results[0][j]).tobytes()
                 continue
             mean = results[0][j]
             std = np.exp(0.5 * results[1][j]).astype(np.float32) if self.need_std else None
             if not np.isfinite(mean).all() or (std is not None and not np.isfinite(std).all()):
                 rejects[i] = "encoder produced non-finite values for this image"
                 continue
-            latents[i] = encode_npy(mean)
-            stds[i] = encode_npy(std) if std is not None else b""
+            # Bare C-order buffers: the driver knows their shape and dtype (LatentLayout).
+            latents[i] = np.ascontiguousarray(mean, dtype=np.float32).tobytes()
+            stds[i] = std.tobytes() if std is not None else b""
 
     def _check_shape(self, out: np.ndarray, image_hw: tuple[int, int]) -> None:
         h, w = image_hw[0] // self.factor, image_hw[1] // self.factor

@@ -25,7 +25,6 @@ from pipeline.latents.format import (
     SIZES_FIELD,
     STD_FIELD,
     commit_url,
-    decode_npy,
     encode_latent,
     encode_npy,
     join_url,
@@ -63,6 +62,24 @@ class Sample:
     sizes: tuple[int, int, int, int, int, int]
 
 
+@dataclass(frozen=True)
+class LatentLayout:
+    """How the encoder stage's raw latent bytes become arrays: the actors send bare buffers
+    (no per-sample .npy header to write and parse) whose shape follows from the image size."""
+
+    channels: int
+    factor: int
+    dtype: str  # "float32" (KL means and stds) or the VQ index dtype
+    vq: bool = False
+
+    def shape(self, height: int, width: int) -> tuple[int, ...]:
+        spatial = (height // self.factor, width // self.factor)
+        return spatial if self.vq else (self.channels, *spatial)
+
+    def array(self, raw: bytes, height: int, width: int, dtype: str | None = None) -> np.ndarray:
+        return np.frombuffer(raw, dtype=dtype or self.dtype).reshape(self.shape(height, width))
+
+
 @dataclass
 class StoragePlan:
     """How the driver turns encoder outputs into stored fields (from the config + sidecar)."""
@@ -72,6 +89,7 @@ class StoragePlan:
     sample: bool  # store one draw from the posterior instead of its mean
     store_std: bool
     sample_seed: int
+    layout: LatentLayout
     codebook: np.ndarray | None = None  # VQ: statistics are taken on the codebook lookup
 
 
@@ -102,7 +120,7 @@ def rows_from_batch(batch: dict[str, np.ndarray]) -> list[tuple[int, bool, Row]]
     return out
 
 
-def resolve_unit(rows: list[Row], shard: str) -> UnitResult:
+def resolve_unit(rows: list[Row], shard: str, layout: LatentLayout) -> UnitResult:
     """Decide every key of one unit exactly once (rows in ``seq`` order)."""
     result = UnitResult()
     groups: dict[str, list[Row]] = {}
@@ -114,7 +132,7 @@ def resolve_unit(rows: list[Row], shard: str) -> UnitResult:
     for key, group in groups.items():
         if len(group) > 1:
             result.merged += 1
-        _resolve_key(key, group, shard, result)
+        _resolve_key(key, group, shard, result, layout)
     result.rejects.sort(key=lambda r: r.pop("_seq"))
     return result
 
@@ -123,7 +141,9 @@ def _reject(key: str, shard: str, reason: str, seq: int) -> dict[str, Any]:
     return {"key": key or None, "shard": shard, "reason": reason, "_seq": seq}
 
 
-def _resolve_key(key: str, group: list[Row], shard: str, result: UnitResult) -> None:
+def _resolve_key(
+    key: str, group: list[Row], shard: str, result: UnitResult, layout: LatentLayout
+) -> None:
     images = [row for row in group if row.has_image]
     for extra in images[1:]:
         # Two images under one key in one shard: the first wins, the later one is recorded.
@@ -142,8 +162,10 @@ def _resolve_key(key: str, group: list[Row], shard: str, result: UnitResult) -> 
         for ext, data in unpack_extras(row.extras).items():
             files.setdefault(ext, data)  # first occurrence wins, like a duplicate tar member
     image = images[0]
-    std = decode_npy(image.std) if image.std else None
-    result.samples.append(Sample(key, decode_npy(image.latent), std, files, image.sizes))
+    height, width = image.sizes[4:6]
+    latent = layout.array(image.latent, height, width)
+    std = layout.array(image.std, height, width, "float32") if image.std else None
+    result.samples.append(Sample(key, latent, std, files, image.sizes))
 
 
 def posterior_draw(mean: np.ndarray, std: np.ndarray, key: str, seed: int) -> np.ndarray:
@@ -189,21 +211,22 @@ class UnitCommitter:
     def commit(self, unit: int, source: str, rows: list[Row], extra: dict[str, Any]) -> dict:
         """Resolve, write and commit one unit; returns its commit record."""
         self._absorb_earlier(unit)
-        result = resolve_unit(rows, source)
+        result = resolve_unit(rows, source, self.plan.layout)
         samples = self._drop_duplicates(result, source)
         stats = ChannelStats(self.channels)
         codes = CodeUsage(len(self.plan.codebook)) if self.plan.codebook is not None else None
         by_shape: dict[tuple[int, int], list[tuple[str, dict[str, bytes]]]] = {}
+        stored_by_shape: dict[tuple[int, int], list[np.ndarray]] = {}
         clashes = 0
         for sample in samples:
             files, stored, clash = self._stored_files(sample)
             clashes += clash
-            self._update_stats(stats, codes, stored)
             by_shape.setdefault(sample.sizes[4:6], []).append((sample.key, files))
-        shards = [
-            self._write_shard(unit, source, shape, group)
-            for shape, group in sorted(by_shape.items())
-        ]
+            stored_by_shape.setdefault(sample.sizes[4:6], []).append(stored)
+        shards = []
+        for shape, group in sorted(by_shape.items()):  # sorted: the same order on every run
+            self._update_stats(stats, codes, np.stack(stored_by_shape[shape]))
+            shards.append(self._write_shard(unit, source, shape, group))
         record = {
             "unit": unit,
             "input": source,
@@ -258,11 +281,12 @@ class UnitCommitter:
         return files, stored, clash
 
     def _update_stats(self, stats: ChannelStats, codes: CodeUsage | None, stored) -> None:
+        """Fold one shard's stored values [N, ...] into the unit's statistics."""
         if codes is None:
-            stats.update(stored[None])
+            stats.update(stored)
             return
         codes.update(stored)
-        stats.update(lookup_codebook(stored, self.plan.codebook)[None])
+        stats.update(lookup_codebook(stored, self.plan.codebook))
 
     def _write_shard(self, unit: int, source: str, shape, group) -> dict[str, Any]:
         from pipeline.data.tario import build_tar
@@ -271,7 +295,6 @@ class UnitCommitter:
         name = shard_name(self.prefix, unit, tuple(bucket) if bucket else None)
         data = build_tar(group)
         write_bytes_atomic(join_url(self.output, name), data)
-        first = decode_npy(group[0][1][self.plan.field])
         return {
             "name": name,
             "samples": len(group),
@@ -280,5 +303,5 @@ class UnitCommitter:
             "unit": unit,
             "source": source,
             "bucket": bucket,
-            "latent_shape": list(first.shape),
+            "latent_shape": list(self.plan.layout.shape(*shape)),
         }

@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 
 from pipeline.encode.stages import pack_extras
-from pipeline.encode.units import Row, StoragePlan, UnitCommitter, posterior_draw, resolve_unit
+from pipeline.encode.units import (
+    LatentLayout,
+    Row,
+    StoragePlan,
+    UnitCommitter,
+    posterior_draw,
+    resolve_unit,
+)
 from pipeline.latents.format import (
     commit_url,
     decode_latent,
-    encode_npy,
     iter_tar_bytes,
     read_json,
     sha256_bytes,
 )
 
 SIZES = (6, 10, 0, 2, 4, 4)
+LAYOUT = LatentLayout(channels=2, factor=2, dtype="float32")  # 4x4 px -> [2, 2, 2]
 
 
 def _row(seq, key, *, image=True, extras=None, reject="", latent=None):
@@ -30,7 +37,7 @@ def _row(seq, key, *, image=True, extras=None, reject="", latent=None):
         extras=pack_extras(extras or {}),
         reject=reject,
         sizes=SIZES,
-        latent=encode_npy(latent) if image and not reject else b"",
+        latent=latent.tobytes() if image and not reject else b"",
         std=b"",
     )
 
@@ -38,7 +45,7 @@ def _row(seq, key, *, image=True, extras=None, reject="", latent=None):
 def test_split_sample_is_merged_once():
     """a.jpg, b.jpg, a.txt: key a is one sample with its caption, not a sample and a reject."""
     rows = [_row(0, "a"), _row(1, "b"), _row(2, "a", image=False, extras={"txt": b"cap"})]
-    result = resolve_unit(rows, "s.tar")
+    result = resolve_unit(rows, "s.tar", LAYOUT)
     assert [s.key for s in result.samples] == ["a", "b"]
     assert result.samples[0].files == {"txt": b"cap"} and result.merged == 1
     assert result.rejects == []
@@ -50,7 +57,7 @@ def test_caption_before_image_and_first_member_wins():
         _row(1, "b"),
         _row(2, "a", extras={"txt": b"second"}),
     ]
-    (a, _b) = resolve_unit(rows, "s.tar").samples
+    (a, _b) = resolve_unit(rows, "s.tar", LAYOUT).samples
     assert a.files == {"txt": b"first", "json": b"{}"}
     assert float(a.latent[0, 0, 0]) == 2.0  # the latent of the row that carried the image
 
@@ -64,7 +71,7 @@ def test_every_key_decided_exactly_once():
         _row(4, "dup"),
         _row(5, "", image=False, reject="truncated shard: ..."),
     ]
-    result = resolve_unit(rows, "s.tar")
+    result = resolve_unit(rows, "s.tar", LAYOUT)
     assert [s.key for s in result.samples] == ["ok", "dup"]
     reasons = [(r["key"], r["reason"].split(" ")[0]) for r in result.rejects]
     assert reasons == [
@@ -77,7 +84,7 @@ def test_every_key_decided_exactly_once():
 
 def test_reject_reason_on_any_part_rejects_the_key():
     rows = [_row(0, "k"), _row(1, "k", image=False, reject="unsupported field name(s) ['a b']")]
-    result = resolve_unit(rows, "s.tar")
+    result = resolve_unit(rows, "s.tar", LAYOUT)
     assert result.samples == [] and [r["key"] for r in result.rejects] == ["k"]
 
 
@@ -94,7 +101,12 @@ def test_posterior_draw_depends_on_seed_and_key_only():
 def test_commit_writes_shards_then_record(buckets):
     out = f"memory://commit-test-{buckets}"
     plan = StoragePlan(
-        field="latent.npy", dtype="bfloat16", sample=False, store_std=False, sample_seed=0
+        field="latent.npy",
+        dtype="bfloat16",
+        sample=False,
+        store_std=False,
+        sample_seed=0,
+        layout=LAYOUT,
     )
     committer = UnitCommitter(out, "lat", plan, channels=2, buckets=buckets)
     wide = Row(
@@ -104,7 +116,7 @@ def test_commit_writes_shards_then_record(buckets):
         pack_extras({}),
         "",
         (4, 8, 0, 0, 4, 8),
-        encode_npy(np.ones((2, 2, 4), np.float32)),
+        np.ones((2, 2, 4), np.float32).tobytes(),
         b"",
     )
     rows = [_row(0, "a", extras={"txt": b"cap"}), _row(1, "b"), wide]
