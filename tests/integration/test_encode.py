@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import tarfile
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from pipeline.encode import (
 from pipeline.encode.preprocess import PreprocessConfig
 from pipeline.encode.session import make_session
 from pipeline.latents.format import SIZES_FIELD
+from tests.tarfiles import truncate_inside, write_raw_tar
 
 RNG = np.random.default_rng(0)
 
@@ -48,22 +48,6 @@ def _sample(i: int, fmt: str = "PNG") -> dict[str, bytes]:
     }
 
 
-def _write_raw_tar(path: str, members: list[tuple[str, bytes]]) -> None:
-    """Write a tar by hand so it can hold what TarShardWriter refuses (unsafe keys)."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
-def _truncate_inside(path: str, member_name: str) -> None:
-    with tarfile.open(path) as tf:
-        offset = tf.getmember(member_name).offset_data
-    with open(path, "r+b") as f:
-        f.truncate(offset + 10)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     """Four input shards + index.json, with one of each failure the encoder must survive."""
@@ -82,7 +66,7 @@ def corpus(tmp_path_factory) -> dict:
     infos = writer.close()
     raw = os.path.join(root, "shard-000002.tar")
     good = _sample(20)
-    _write_raw_tar(
+    write_raw_tar(
         raw,
         [("bad key.png", _image_bytes("PNG")), ("s0_1.png", _image_bytes("PNG"))]
         + [(f"good_2.{ext}", data) for ext, data in good.items()],
@@ -95,7 +79,7 @@ def corpus(tmp_path_factory) -> dict:
     trunc_info = writer.close()[0]
     trunc = os.path.join(root, "shard-000003.tar")
     os.rename(os.path.join(root, trunc_info.name), trunc)
-    _truncate_inside(trunc, "t_2.png")
+    truncate_inside(trunc, "t_2.png")
     infos += [
         type(trunc_info)("shard-000002.tar", 3, os.path.getsize(raw)),
         type(trunc_info)("shard-000003.tar", 4, trunc_info.bytes),

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -29,6 +28,7 @@ from pipeline.encode import (
 )
 from pipeline.encode.session import make_session
 from pipeline.latents.format import SIZES_FIELD, STD_FIELD, decode_latent, iter_shard
+from tests.tarfiles import truncate_inside, write_raw_tar
 
 RNG = np.random.default_rng(7)
 
@@ -101,22 +101,6 @@ def _members(key: str, ext: str, data: bytes) -> list[tuple[str, bytes]]:
     ]
 
 
-def _write_tar(path: str, members: list[tuple[str, bytes]]) -> int:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return os.path.getsize(path)
-
-
-def _truncate_inside(path: str, member: str) -> None:
-    with tarfile.open(path) as tf:
-        offset = tf.getmember(member).offset_data
-    with open(path, "r+b") as f:
-        f.truncate(offset + 7)
-
-
 @pytest.fixture(scope="module")
 def bad_corpus(tmp_path_factory) -> dict:
     root = str(tmp_path_factory.mktemp("bad_corpus"))
@@ -137,16 +121,16 @@ def bad_corpus(tmp_path_factory) -> dict:
     members += _members("img.001", "png", _save(_photo(), "PNG"))
     members += _members("img.002", "png", _save(_photo(), "PNG"))
     members += [("no_image.txt", b"text only"), ("no_image.json", b"{}")]
-    sizes = [_write_tar(os.path.join(root, "shard-000000.tar"), members)]
-    sizes.append(_write_tar(os.path.join(root, "shard-000001.tar"), []))  # an empty shard
+    sizes = [write_raw_tar(os.path.join(root, "shard-000000.tar"), members)]
+    sizes.append(write_raw_tar(os.path.join(root, "shard-000001.tar"), []))  # an empty shard
     trunc = [m for k in ("t0", "t1", "t2") for m in _members(k, "png", _save(_photo(), "PNG"))]
     trunc_path = os.path.join(root, "shard-000002.tar")
-    _write_tar(trunc_path, trunc)
-    _truncate_inside(trunc_path, "t1.txt")
+    write_raw_tar(trunc_path, trunc)
+    truncate_inside(trunc_path, "t1.txt", keep=7)
     sizes.append(os.path.getsize(trunc_path))
     # A key that an earlier shard already provided, and one fresh sample.
     dup = _members("png_rgb", "png", _save(_photo(), "PNG")) + _members("fresh", "png", split_image)
-    sizes.append(_write_tar(os.path.join(root, "shard-000003.tar"), dup))
+    sizes.append(write_raw_tar(os.path.join(root, "shard-000003.tar"), dup))
     open(os.path.join(root, "shard-000004.tar"), "wb").close()  # a 0-byte "empty shard"
     sizes.append(0)
     from pipeline.data.tario import ShardInfo
