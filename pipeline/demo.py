@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -27,7 +26,6 @@ import torch
 from PIL import Image
 
 from pipeline.config import save_resolved_config
-from pipeline.data.images import denormalize
 from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
@@ -38,8 +36,8 @@ from pipeline.latents.format import (
     iter_latents,
     load_manifest,
     load_manifest_codebook,
-    lookup_codebook,
 )
+from pipeline.latents.verify import decode_pixels, psnr_db
 from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
 from pipeline.train.checkpoint import load_model
@@ -214,15 +212,13 @@ def reconstruction_report(
     model, run_cfg = load_model(checkpoint)
     resolution = run_cfg.data.resolution
     originals = dict(iter_val_images(expand_shard_urls(val_dir), resolution, limit=None))
-    to_latent = _latent_reader(latents_dir, model)
+    codebook = _corpus_codebook(latents_dir, model)
     scores, pairs = [], []
     for key, stored, _extras in iter_latents(latents_dir):
         if key not in originals:
             continue  # a training tile: PSNR is reported on held-out photos only
-        with torch.no_grad():
-            decoded = model.decode(torch.from_numpy(to_latent(stored))[None])[0]
-        recon = denormalize(decoded.numpy())
-        scores.append(psnr(originals[key], recon))
+        recon = decode_pixels(model, stored, codebook)
+        scores.append(psnr_db(originals[key], recon))
         if len(pairs) < cfg.report_images:
             pairs.append((originals[key], recon))
     if not scores:
@@ -240,26 +236,16 @@ def reconstruction_report(
     return {**report, "report": str(out_dir / "report.json"), "grid": str(grid)}
 
 
-def _latent_reader(latents_dir: str, model: torch.nn.Module):
-    """stored sample -> float32 latent [C, h, w] for the decoder.
-
-    KL: the stored posterior mean. VQ: the codebook lookup of the stored indices through the
-    corpus's own codebook.npy (hash-checked), which must be the trained model's lookup codebook,
-    so lookup + decode here equals ``VQAutoencoder.decode_indices``.
-    """
+def _corpus_codebook(latents_dir: str, model: torch.nn.Module) -> np.ndarray | None:
+    """VQ: the corpus's own codebook.npy (hash-checked), which must be the trained model's
+    lookup codebook, so lookup + decode equals ``VQAutoencoder.decode_indices``; KL: None."""
     manifest = load_manifest(latents_dir)
     if manifest["latent"].get("kind") != VQ_KIND:
-        return lambda stored: stored.astype(np.float32)
+        return None
     codebook = load_manifest_codebook(latents_dir, manifest)
     if not np.array_equal(codebook, model.quantize.codes().detach().numpy()):
         raise ValueError(f"{latents_dir}: codebook.npy is not the checkpoint's codebook")
-    return lambda stored: lookup_codebook(stored, codebook)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return codebook
 
 
 def save_grid(pairs: list[tuple[np.ndarray, np.ndarray]], path: Path) -> None:
