@@ -210,7 +210,7 @@ def scan_inputs(urls: list[str], findings: Findings) -> InputIndex:
     """Keys of every input shard, as the job read them (a truncated shard: its complete
     samples plus the partial one, which the job rejects under its key)."""
     from pipeline.data.tario import TruncatedShardError
-    from pipeline.encode.stages import iter_input_samples
+    from pipeline.encode.inputs import iter_input_samples
 
     index = InputIndex()
     for url in urls:
@@ -385,7 +385,7 @@ def _source_images(
     """key -> image bytes from the input shard each picked latent came from (the first
     image-bearing sample of that key, as the job takes)."""
     from pipeline.data.tario import TruncatedShardError
-    from pipeline.encode.stages import image_field, iter_input_samples
+    from pipeline.encode.inputs import image_field, iter_input_samples
 
     by_source: dict[str, set[str]] = {}
     for key, position in latents:
