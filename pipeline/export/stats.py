@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.encode.stats import ChannelStats
+from pipeline.latents.stats import ChannelStats
 from pipeline.models.vq import VQAutoencoder
 
 log = logging.getLogger(__name__)
