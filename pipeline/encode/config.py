@@ -35,15 +35,27 @@ class EncodeConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     batch_size: int = 32  # images per ONNX Runtime call
-    num_actors: int = 1  # encoder actors (one ONNX session each; one GPU each on GPU nodes)
-    actor_cpus: float = 1.0  # CPUs Ray reserves per encoder actor
+    num_actors: int = 1  # most encoder actors (one ONNX session each; one GPU each on GPU nodes)
+    min_actors: int = 1  # fewest actors the job runs with when capacity is lost (<= num_actors)
+    actor_cpus: float = 1.0  # CPUs Ray reserves per encoder actor (its decode threads run there)
+    decode_threads: int = 0  # image-decoding threads per actor, 0 = max(1, actor_cpus)
     threads_per_actor: int = 0  # ONNX intra-op threads per actor, 0 = onnxruntime's default
-    decode_cpus: float = 1.0  # CPUs Ray reserves per image-decoding task
     device: str = "auto"  # auto | cpu | cuda (cuda fails loudly if the CUDA provider cannot load)
     fp16_model: bool = False  # CUDA only: run a float16 copy of the encoder (changes the latents)
     io_binding: bool = True  # CUDA only: bind inputs/outputs instead of per-call copies
     prefix: str = "latents"  # output shard names: {prefix}-{input shard index}[-h{H}w{W}].tar
     progress_every_s: float = 10.0  # seconds between progress lines
+    stall_warn_s: float = 120.0  # no unit committed for this long: log what the job waits for
+    stall_timeout_s: float = 1800.0  # ... and fail after this long (0 = wait for ever)
+    max_passes: int = 3  # passes over units whose task failed (lost node, transient error)
+    overflow_stop_fraction: float = 0.5  # stop when this share of encoded images overflow dtype
+    overflow_min_samples: int = 16  # ... among at least this many images (of a unit or the job)
+    lease_ttl_s: float = 120.0  # the output's lease expires this long after its last renewal
+
+
+def decode_threads(cfg: EncodeConfig) -> int:
+    """Decoding threads per actor: the configured count, else one per reserved CPU."""
+    return cfg.decode_threads or max(1, int(cfg.actor_cpus))
 
 
 def validate_config(cfg: EncodeConfig) -> None:
@@ -61,12 +73,21 @@ def validate_config(cfg: EncodeConfig) -> None:
         raise ValueError(f"encode.device must be one of {list(DEVICES)}, got {cfg.device!r}")
     if cfg.fp16_model and cfg.device == "cpu":
         raise ValueError("encode.fp16_model needs the CUDA execution provider (encode.device=cpu)")
-    for name in ("batch_size", "num_actors"):
+    for name in ("batch_size", "num_actors", "min_actors", "max_passes", "overflow_min_samples"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"encode.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.threads_per_actor < 0:
-        raise ValueError(f"encode.threads_per_actor must be >= 0, got {cfg.threads_per_actor}")
-    for name in ("actor_cpus", "decode_cpus", "progress_every_s"):
+    if cfg.min_actors > cfg.num_actors:
+        raise ValueError(
+            f"encode.min_actors ({cfg.min_actors}) must be <= encode.num_actors ({cfg.num_actors})"
+        )
+    for name in ("threads_per_actor", "decode_threads", "stall_timeout_s"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"encode.{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.overflow_stop_fraction <= 1:
+        raise ValueError(
+            f"encode.overflow_stop_fraction must be in (0, 1], got {cfg.overflow_stop_fraction}"
+        )
+    for name in ("actor_cpus", "progress_every_s", "stall_warn_s", "lease_ttl_s"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"encode.{name} must be > 0, got {getattr(cfg, name)}")
     if not cfg.prefix or not cfg.prefix.replace("-", "").replace("_", "").isalnum():

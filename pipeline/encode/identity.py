@@ -9,6 +9,7 @@ bytes written (batch size, actor count, threads, progress) are deliberately not 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import posixpath
@@ -16,10 +17,9 @@ from typing import Any
 
 import fsspec
 
+from pipeline.encode.finalize import MANIFEST_FILE, MANIFEST_VERSION
 from pipeline.latents.format import (
-    MANIFEST_FILE,
     MANIFEST_FORMAT,
-    MANIFEST_VERSION,
     job_url,
     join_url,
     read_json,
@@ -33,27 +33,39 @@ class EncodeConflictError(ValueError):
     """The output location holds (part of) a corpus made with different settings."""
 
 
-def job_identity(cfg, sidecar: dict[str, Any], preprocess, urls: list[str]) -> dict[str, Any]:
-    """Everything that determines the bytes of the corpus (see module docstring)."""
+def inputs_digest(urls: list[str]) -> str:
+    """sha256 of the input list (order matters: a unit is an index into it)."""
+    return hashlib.sha256("\n".join(urls).encode("utf-8")).hexdigest()
+
+
+def job_identity(cfg, sidecar, preprocess, urls: list[str]) -> dict[str, Any]:
+    """Everything that determines the bytes of the corpus (see module docstring). The input
+    list is named by count and hash: job.json stays small for a million input shards."""
+    checkpoint_scale = sidecar.scaling_source == "checkpoint"
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
-        "encoder_sha256": sidecar["onnx_sha256"],
-        "codebook_sha256": sidecar.get("codebook_sha256"),
-        "scaling": {k: sidecar.get(k) for k in ("scaling_source", "scaling_factor", "shift_factor")}
-        if sidecar.get("scaling_source") == "checkpoint"
+        "encoder_sha256": sidecar.onnx_sha256,
+        "codebook_sha256": sidecar.vq.codebook_sha256 if sidecar.is_vq else None,
+        "scaling": {
+            "scaling_source": "checkpoint",
+            "scaling_factor": sidecar.scaling_factor,
+            "shift_factor": sidecar.shift_factor,
+        }
+        if checkpoint_scale
         else {"scaling_source": "data"},
         "fp16_model": bool(cfg.fp16_model),
         "preprocess": dataclasses.asdict(preprocess),
         "storage": dataclasses.asdict(cfg.storage),
         "prefix": cfg.prefix,
-        "inputs": list(urls),
+        "inputs_count": len(urls),
+        "inputs_sha256": inputs_digest(urls),
     }
 
 
 def _describe(name: str, old: Any, new: Any) -> str:
-    if name == "inputs":
-        return f"inputs ({len(old)} shard(s) before, {len(new)} now, or in another order)"
+    if name == "inputs_sha256":
+        return "inputs (other input shards, or the same in another order)"
     text = f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
     return text if len(text) <= 200 else text[:197] + "..."
 
