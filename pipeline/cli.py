@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # user-fixable input problems: no traceback
         logging.getLogger("latentpipe").error("%s: %s", type(err).__name__, err)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    # Typed results (a Sidecar, a Manifest) print as the JSON they are written as.
+    printable = result.to_dict() if hasattr(result, "to_dict") else result
+    print(json.dumps(printable, indent=2, default=str))
     return 1 if command.ok_key and not result[command.ok_key] else 0
 
 

@@ -1,5 +1,19 @@
-"""Export a trained autoencoder's encoder to ONNX with a parity check and a JSON sidecar."""
+"""Export a trained autoencoder's encoder to ONNX with a parity check and a JSON sidecar.
 
+The sidecar itself is a contract of :mod:`pipeline.contracts.sidecar`; its names are re-exported
+here for users who import them from export.
+"""
+
+from pipeline.contracts.sidecar import (
+    Sidecar,
+    SidecarError,
+    build_sidecar,
+    file_sha256,
+    index_dtype,
+    load_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 from pipeline.export.job import ExportConfig, export_from_checkpoint, export_model
 from pipeline.export.onnx_export import EncoderForExport, export_encoder_onnx
 from pipeline.export.parity import (
@@ -10,18 +24,6 @@ from pipeline.export.parity import (
     parity_report,
     spatial_parity_report,
 )
-from pipeline.export.sidecar import (
-    SidecarError,
-    build_sidecar,
-    codebook_url,
-    dynamic_spatial,
-    file_sha256,
-    index_dtype,
-    latent_shape_for,
-    load_sidecar,
-    sidecar_path,
-    write_sidecar,
-)
 from pipeline.export.stats import estimate_latent_stats
 
 __all__ = [
@@ -29,19 +31,17 @@ __all__ = [
     "ExportConfig",
     "IndexParityError",
     "ParityError",
+    "Sidecar",
     "SidecarError",
     "build_sidecar",
     "check_parity",
-    "codebook_url",
     "compare_outputs",
-    "dynamic_spatial",
     "estimate_latent_stats",
     "export_encoder_onnx",
     "export_from_checkpoint",
     "export_model",
     "file_sha256",
     "index_dtype",
-    "latent_shape_for",
     "load_sidecar",
     "parity_report",
     "sidecar_path",

@@ -1,6 +1,6 @@
 """Checkpoint -> ``encoder.onnx`` + ``encoder.json``: export, parity check, latent stats, sidecar.
 
-VQ models also get ``codebook.npy`` beside the ONNX file (see pipeline.export.sidecar).
+VQ models also get ``codebook.npy`` beside the ONNX file (see pipeline.contracts.sidecar).
 """
 
 from __future__ import annotations
@@ -18,11 +18,19 @@ from omegaconf import MISSING
 from torch import nn
 
 from pipeline.config import save_resolved_config
+from pipeline.contracts.sidecar import (
+    Sidecar,
+    build_sidecar,
+    file_sha256,
+    vq_fields,
+    write_sidecar,
+)
+from pipeline.data.urls import expand_shard_urls
 from pipeline.evaluate.quality import read_eval
 from pipeline.export.onnx_export import export_encoder_onnx, is_vq
 from pipeline.export.parity import spatial_parity_report
-from pipeline.export.sidecar import build_sidecar, file_sha256, vq_fields, write_sidecar
 from pipeline.export.stats import estimate_latent_stats_counted
+from pipeline.train.checkpoint import STATE_FILE, load_model
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,6 @@ def _latent_stats(model: nn.Module, spec: str, resolution: int, limit: int) -> d
             # Identity scaling keeps the sidecar valid; say so loudly: diffusion training cares.
             log.warning("latent statistics skipped (no shards or scale_samples<=0): scaling=1")
         return {"mean": 0.0, "std": 1.0, "samples": 0, "source": spec}
-    from pipeline.data.urls import expand_shard_urls  # lazy: data layer written separately
-
     mean, std, n = estimate_latent_stats_counted(model, expand_shard_urls(spec), resolution, limit)
     return {"mean": mean, "std": std, "samples": n, "source": spec}
 
@@ -83,7 +89,7 @@ def export_model(
     checkpoint: dict[str, Any] | None = None,
     stats_device: str = "cpu",
     quality: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Sidecar:
     """Export ``model``'s encoder to ``{output}/encoder.onnx`` + sidecar; return the sidecar.
 
     ``output`` may be a local dir or an fsspec URL. Files are built in a temporary directory and
@@ -116,9 +122,8 @@ def export_model(
             parity={**parity, "atol": atol, "batch": parity_batch},
             checkpoint=checkpoint or {"path": None, "step": None, "sha256": None},
             vq=vq,
+            quality=quality,  # held-out figures of the checkpoint (PSNR/SSIM), from training
         )
-        if quality:  # held-out figures of the checkpoint (PSNR/SSIM, nats), from training
-            sidecar["quality"] = quality
         sidecar_local = write_sidecar(os.path.join(tmp, SIDECAR_NAME), sidecar)
         extra = [os.path.join(tmp, CODEBOOK_NAME)] if vq else []
         _publish([*extra, onnx_path, sidecar_local], output)
@@ -172,8 +177,6 @@ def _checkpoint_info(ckpt_dir: str) -> dict[str, Any]:
     The hash pins the exact weights the encoder came from (checkpoint dirs get overwritten or
     re-uploaded); it streams the file, so remote URLs are not downloaded to disk.
     """
-    from pipeline.train.checkpoint import STATE_FILE  # lazy: export must not require train deps
-
     state_url = f"{ckpt_dir.rstrip('/')}/{STATE_FILE}"
     return {
         "path": ckpt_dir,
@@ -189,10 +192,8 @@ def _validate(cfg: ExportConfig) -> None:
         raise ValueError("export.atol must be >= 0 and export.parity_batch >= 1")
 
 
-def export_from_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
-    """Load a training checkpoint and export its encoder; returns the sidecar dict."""
-    from pipeline.train.checkpoint import load_model  # lazy: export must not require train deps
-
+def export_from_checkpoint(cfg: ExportConfig) -> Sidecar:
+    """Load a training checkpoint and export its encoder; returns its sidecar."""
     _validate(cfg)
     model, run_cfg = load_model(cfg.checkpoint)
     resolution = int(run_cfg.data.resolution)

@@ -23,7 +23,6 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline.encode.session import make_session
 from pipeline.export.onnx_export import INPUT_NAME, export_wrapper, is_vq, output_names
 
 log = logging.getLogger(__name__)
@@ -192,10 +191,18 @@ def parity_report(
     in [-1, 1]; return {"max_abs_diff", ...} or raise."""
     width = width or resolution
     images = random_images(batch, resolution, width, seed)
-    session = make_session(onnx_path, device="cpu")
+    session = reference_session(onnx_path)
     report = _compare(session, model, images, atol, f"{onnx_path} at {resolution}x{width}")
     log.info("parity %s at %dx%d, batch %d: %s", onnx_path, resolution, width, batch, report)
     return report
+
+
+def reference_session(onnx_path: str) -> ort.InferenceSession:
+    """ONNX Runtime's CPU provider, the reference every other provider is compared with (export
+    needs nothing of the encode job's session factory: no device choice, no fp16)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(onnx_path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def spatial_parity_report(

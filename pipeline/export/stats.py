@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.images import normalize
+from pipeline.data.reader import iter_val_images
 from pipeline.latents.stats import ChannelStats
 from pipeline.models.vq import VQAutoencoder
 
@@ -22,8 +24,6 @@ BATCH = 16
 
 
 def _batches(images: Iterable[np.ndarray], size: int) -> Iterable[torch.Tensor]:
-    from pipeline.data.images import normalize  # lazy: keeps export importable without data deps
-
     buf: list[np.ndarray] = []
     for arr in images:
         buf.append(normalize(arr))
@@ -74,8 +74,6 @@ def estimate_latent_stats_counted(
     model: nn.Module, urls: list[str], resolution: int, limit: int
 ) -> tuple[float, float, int]:
     """Like :func:`estimate_latent_stats` but also returns the number of images used."""
-    from pipeline.data.reader import iter_val_images  # lazy: data layer is optional for export
-
     images = (arr for _key, arr in iter_val_images(urls, resolution, limit))
     mean, std, n = latent_moments(model, images)
     if n == 0:

@@ -3,6 +3,7 @@ inputs fail with messages that name the problem. Tiny random models (channels [3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from pipeline.encode.manifest import manifest_scale  # noqa: E402
+from pipeline.encode.finalize import manifest_scale  # noqa: E402
 from pipeline.encode.session import make_session  # noqa: E402
 from pipeline.export import ExportConfig, export_from_checkpoint, load_sidecar  # noqa: E402
 from pipeline.importers.diffusers import (  # noqa: E402
@@ -134,9 +135,9 @@ def test_import_export_ort_chain(saved, tmp_path):
 
     out = tmp_path / "enc"
     sidecar = export_from_checkpoint(ExportConfig(checkpoint=str(ckpt), output=str(out)))
-    assert sidecar["scaling_factor"] == 0.5 and sidecar["shift_factor"] == 0.1
-    assert sidecar["scaling_source"] == "checkpoint" and sidecar["checkpoint"]["step"] == 0
-    assert load_sidecar(str(out / "encoder.onnx"))["latent_shape"] == [4, RES // 2, RES // 2]
+    assert sidecar.scaling_factor == 0.5 and sidecar.shift_factor == 0.1
+    assert sidecar.scaling_source == "checkpoint" and sidecar.checkpoint["step"] == 0
+    assert load_sidecar(str(out / "encoder.onnx")).latent_shape == [4, RES // 2, RES // 2]
     x = np.random.default_rng(0).uniform(-1, 1, (3, 3, RES, RES)).astype(np.float32)
     mean, logvar = make_session(str(out / "encoder.onnx"), device="cpu").run(None, {"image": x})
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_import_export_ort_chain(saved, tmp_path):
     measured = {"std": 2.0, "mean": 0.3}
     published = {"scaling_factor": 0.5, "shift_factor": 0.1, "scaling_source": "checkpoint"}
     assert manifest_scale(measured, sidecar) == published
-    data_sidecar = {**sidecar, "scaling_source": "data"}
+    data_sidecar = dataclasses.replace(sidecar, scaling_source="data")
     corpus = {"scaling_factor": 0.5, "shift_factor": 0.3, "scaling_source": "corpus"}
     assert manifest_scale(measured, data_sidecar) == corpus
     with pytest.raises(ValueError, match="already holds a checkpoint"):

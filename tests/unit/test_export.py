@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,13 +16,12 @@ import torch
 from pipeline.encode.session import gpu_visible, make_session, providers_for
 from pipeline.export import (
     ParityError,
+    Sidecar,
     SidecarError,
     check_parity,
     compare_outputs,
-    dynamic_spatial,
     export_encoder_onnx,
     export_model,
-    latent_shape_for,
     load_sidecar,
     write_sidecar,
 )
@@ -88,56 +88,98 @@ def test_sd_layout_f8_dynamic_spatial(tmp_path):
     )
     sd = build_model(cfg).eval()
     sidecar = export_model(sd, str(tmp_path), RES, parity_batch=1)
-    assert sidecar["parity"]["non_square"]["width"] == RES + 16
+    assert sidecar.parity["non_square"]["width"] == RES + 16
     sess = make_session(str(tmp_path / "encoder.onnx"), device="cpu")
     for height, width in [(16, 40), (32, 8)]:
         image = _images(1, height, width, seed=height)
         (mean,) = sess.run(["mean"], {"image": image.numpy()})
         with torch.no_grad():
             ref = sd.encode(image).mean.numpy()
-        assert list(mean.shape[1:]) == latent_shape_for(sidecar, height, width)
+        assert list(mean.shape[1:]) == sidecar.latent_shape_for(height, width)
         np.testing.assert_allclose(mean, ref, atol=1e-4)
 
 
 def test_sidecar_contents(exported):
     out, sidecar = exported
     loaded = load_sidecar(str(out / "encoder.onnx"))
-    assert loaded == json.loads(json.dumps(sidecar))
-    assert loaded["format"] == "latentpipe.encoder" and loaded["format_version"] == 1
-    spec = loaded["input"]
-    assert spec["shape"] == [None, 3, None, None] and spec["resolution"] == RES
-    assert spec["spatial"] == "dynamic" and spec["size_multiple"] == 4
-    assert dynamic_spatial(loaded)
-    assert loaded["latent_shape"] == [4, 4, 4]  # at the native resolution
-    assert loaded["outputs"]["mean"] == loaded["outputs"]["logvar"] == [None, 4, None, None]
-    assert loaded["downsample_factor"] == 4 and loaded["model_kind"] == "kl"
-    parity = loaded["parity"]
+    assert loaded == sidecar
+    raw = json.loads((out / "encoder.json").read_text())
+    assert raw == sidecar.to_dict() and list(raw)[:3] == ["format", "format_version", "model_kind"]
+    assert raw["format"] == "latentpipe.encoder" and raw["format_version"] == 1
+    spec = loaded.input
+    assert spec.shape == [None, 3, None, None] and spec.resolution == RES
+    assert spec.spatial == "dynamic" and spec.size_multiple == 4
+    assert loaded.dynamic_spatial and not loaded.is_vq and loaded.vq is None
+    assert loaded.latent_shape == [4, 4, 4]  # at the native resolution
+    assert loaded.outputs["mean"] == loaded.outputs["logvar"] == [None, 4, None, None]
+    assert loaded.downsample_factor == 4 and loaded.model_kind == "kl"
+    parity = loaded.parity
     assert parity["batch"] == 2 and parity["max_abs_diff"] <= parity["atol"]
     assert parity["non_square"]["height"] == RES and parity["non_square"]["width"] == RES + 8
     assert parity["non_square"]["max_abs_diff"] <= parity["atol"]
-    assert loaded["scaling_factor"] == 1.0 and loaded["latent_stats"]["samples"] == 0
-    assert loaded["checkpoint"] == {"path": None, "step": None, "sha256": None}
+    assert loaded.scaling_factor == 1.0 and loaded.latent_stats["samples"] == 0
+    assert loaded.checkpoint == {"path": None, "step": None, "sha256": None}
+    assert loaded.quality is None and loaded.quality_psnr_db() is None
 
 
 def test_latent_shape_for(exported, vq_exported):
     kl, vq = exported[1], vq_exported[1]
-    assert latent_shape_for(kl, RES, RES) == kl["latent_shape"] == [4, 4, 4]
-    assert latent_shape_for(kl, 192, 320) == [4, 48, 80]
+    assert kl.latent_shape_for(RES, RES) == kl.latent_shape == [4, 4, 4]
+    assert kl.latent_shape_for(192, 320) == [4, 48, 80]
     # VQ: the quantized latents' shape; the indices are the same without the channel axis.
-    assert latent_shape_for(vq, 8, 20) == [4, 2, 5]
+    assert vq.latent_shape_for(8, 20) == [4, 2, 5]
     for height, width in [(18, 16), (16, 18), (0, 16), (16, -4)]:
         with pytest.raises(ValueError, match="multiples of the encoder's downsample factor 4"):
-            latent_shape_for(kl, height, width)
+            kl.latent_shape_for(height, width)
 
 
 def test_older_sidecar_is_fixed_size(exported):
-    old = json.loads(json.dumps(exported[1]))
-    del old["input"]["spatial"]  # exports before dynamic spatial axes had no such key
+    old = exported[1].to_dict()
+    # Exports before dynamic spatial axes had no input.spatial/size_multiple, and exports before
+    # imports no scaling_source: such encoder.json files still load, as fixed-size encoders.
+    for key in ("spatial", "size_multiple"):
+        del old["input"][key]
+    del old["scaling_source"]
     old["input"]["shape"] = [None, 3, RES, RES]
-    assert not dynamic_spatial(old)
-    assert latent_shape_for(old, RES, RES) == [4, 4, 4]
+    loaded = Sidecar.from_dict(old, "old/encoder.json")
+    assert not loaded.dynamic_spatial and loaded.input.size_multiple == 4
+    assert loaded.scaling_source == "data"
+    assert loaded.latent_shape_for(RES, RES) == [4, 4, 4]
     with pytest.raises(ValueError, match="fixed input size 16x16"):
-        latent_shape_for(old, RES, RES + 4)
+        loaded.latent_shape_for(RES, RES + 4)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("onnx_sha256"), "old/encoder.json: missing required field 'onnx_sha256'"),
+        (lambda d: d.update(opset="17"), "field 'opset' must be an integer, got '17'"),
+        (lambda d: d["input"].pop("resolution"), "missing required field 'input.resolution'"),
+        (
+            lambda d: d["input"]["normalization"].update(scale=None),
+            "field 'input.normalization.scale' must be a number, got None",
+        ),
+        (lambda d: d.update(latent_shape=[4, 4]), "'latent_shape' must be a list of 3 integers"),
+        (lambda d: d.update(model_kind="gan"), "'model_kind' must be one of ['kl', 'vq']"),
+        (lambda d: d.update(quality=[1]), "field 'quality' must be a JSON object"),
+        (lambda d: d.update(format_version=2), "unsupported 'format_version' 2"),
+    ],
+)
+def test_sidecar_fields_are_validated_on_load(exported, edit, message):
+    data = exported[1].to_dict()
+    edit(data)
+    with pytest.raises(SidecarError, match=re.escape(message)):
+        Sidecar.from_dict(data, "old/encoder.json")
+
+
+def test_sidecar_records_quality(exported):
+    from pipeline.contracts.sidecar import with_quality
+
+    sidecar = with_quality(exported[1], {"psnr_db": 21.4, "ssim": 0.6, "images": 8})
+    assert sidecar.quality_psnr_db() == 21.4
+    again = Sidecar.from_dict(json.loads(json.dumps(sidecar.to_dict())), "x")
+    assert again == sidecar and list(sidecar.to_dict())[-1] == "quality"
+    assert with_quality(sidecar, {"nelbo_nats": 3.0}).quality_psnr_db() is None
 
 
 def test_export_rejects_classic_vae(tmp_path):
@@ -155,11 +197,12 @@ def test_sidecar_tamper_detected(exported, tmp_path):
     with pytest.raises(SidecarError, match="not found"):
         load_sidecar(str(onnx_path))
     write_sidecar(str(onnx_path), sidecar)  # an .onnx path writes the .json beside it
-    assert load_sidecar(str(onnx_path))["onnx_sha256"] == sidecar["onnx_sha256"]
+    assert load_sidecar(str(onnx_path)).onnx_sha256 == sidecar.onnx_sha256
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
     with pytest.raises(SidecarError, match="sha256"):
         load_sidecar(str(onnx_path))
-    write_sidecar(str(tmp_path / "encoder.json"), {**sidecar, "format": "other"})
+    other = {**sidecar.to_dict(), "format": "other"}
+    (tmp_path / "encoder.json").write_text(json.dumps(other))
     with pytest.raises(SidecarError, match="format"):
         load_sidecar(str(onnx_path))
 
@@ -167,7 +210,7 @@ def test_sidecar_tamper_detected(exported, tmp_path):
 def test_export_to_fsspec_url(model):
     url = "memory://export-test/enc"
     sidecar = export_model(model, url, RES, parity_batch=1)
-    assert load_sidecar(f"{url}/encoder.onnx")["onnx_sha256"] == sidecar["onnx_sha256"]
+    assert load_sidecar(f"{url}/encoder.onnx").onnx_sha256 == sidecar.onnx_sha256
     fs = fsspec.filesystem("memory")
     fs.rm("/export-test", recursive=True)
 
@@ -287,13 +330,13 @@ def test_export_from_checkpoint(model, tmp_path):
     sidecar = export_from_checkpoint(cfg)
     assert sorted(os.listdir(out)) == ["encoder.json", "encoder.onnx", "export-config.yaml"]
     assert "parity_batch: 2" in (out / "export-config.yaml").read_text()
-    assert load_sidecar(str(out / "encoder.onnx")) == json.loads(json.dumps(sidecar))
+    assert load_sidecar(str(out / "encoder.onnx")) == sidecar
     state_sha = file_sha256(str(ckpt_dir / "state.pt"))
-    assert sidecar["checkpoint"] == {"path": str(ckpt_dir), "step": 7, "sha256": state_sha}
-    stats = sidecar["latent_stats"]
+    assert sidecar.checkpoint == {"path": str(ckpt_dir), "step": 7, "sha256": state_sha}
+    stats = sidecar.latent_stats
     assert stats["samples"] == 4 and stats["source"] == shard_dir
-    assert sidecar["scaling_factor"] == pytest.approx(1.0 / stats["std"])
-    assert sidecar["shift_factor"] == pytest.approx(stats["mean"])
+    assert sidecar.scaling_factor == pytest.approx(1.0 / stats["std"])
+    assert sidecar.shift_factor == pytest.approx(stats["mean"])
 
 
 def test_export_config_is_structured():
@@ -353,7 +396,7 @@ def test_vq_dynamic_spatial_indices_exact(vq_model, vq_exported, size):
     idx, quantized = sess.run(None, {"image": image.numpy()})
     with torch.no_grad():
         ref_idx, ref_q = vq_model.export_forward(image)
-    assert list(quantized.shape[1:]) == latent_shape_for(vq_exported[1], *size)
+    assert list(quantized.shape[1:]) == vq_exported[1].latent_shape_for(*size)
     np.testing.assert_array_equal(idx, ref_idx.numpy())
     np.testing.assert_allclose(quantized, ref_q.numpy(), atol=1e-6)
 
@@ -364,21 +407,30 @@ def test_vq_sidecar_and_codebook(vq_model, vq_exported):
     out, sidecar = vq_exported
     assert sorted(os.listdir(out)) == ["codebook.npy", "encoder.json", "encoder.onnx"]
     loaded = load_sidecar(str(out / "encoder.onnx"))
-    assert loaded == json.loads(json.dumps(sidecar))
-    assert loaded["model_kind"] == "vq" and loaded["distance"] == "l2"
-    assert (loaded["num_codes"], loaded["code_dim"], loaded["index_dtype"]) == (32, 4, "uint16")
-    assert loaded["outputs"] == {
+    assert loaded == sidecar and loaded.is_vq
+    raw = json.loads((out / "encoder.json").read_text())
+    assert raw == sidecar.to_dict()  # the VQ fields stay flat top-level keys, as before
+    assert (raw["num_codes"], raw["index_shape"], raw["codebook_file"]) == (
+        32,
+        [4, 4],
+        "codebook.npy",
+    )
+    vq = loaded.vq
+    assert loaded.model_kind == "vq" and vq.distance == "l2"
+    assert (vq.num_codes, vq.code_dim, vq.index_dtype) == (32, 4, "uint16")
+    assert loaded.outputs == {
         "indices": [None, None, None],
         "quantized": [None, 4, None, None],
     }
-    assert loaded["output_dtypes"] == {"indices": "int64", "quantized": "float32"}
-    assert loaded["latent_shape"] == [4, 4, 4] and loaded["index_shape"] == [4, 4]
-    assert loaded["codebook_file"] == "codebook.npy"
-    assert loaded["codebook_sha256"] == file_sha256(str(out / "codebook.npy"))
+    assert loaded.output_dtypes == {"indices": "int64", "quantized": "float32"}
+    assert loaded.latent_shape == [4, 4, 4] and vq.index_shape == [4, 4]
+    assert vq.codebook_file == "codebook.npy"
+    assert loaded.codebook_url(str(out / "encoder.onnx")) == str(out / "codebook.npy")
+    assert vq.codebook_sha256 == file_sha256(str(out / "codebook.npy"))
     codebook = np.load(out / "codebook.npy")
     assert codebook.dtype == np.float32
     np.testing.assert_array_equal(codebook, vq_model.quantize.codes().numpy())
-    parity = loaded["parity"]
+    parity = loaded.parity
     assert parity["index_mismatches"] == 0 and parity["indices_compared"] == 2 * 16
     assert parity["max_abs_diff"] <= parity["atol"]
     other = parity["non_square"]  # 16x24 images: 4x6 codes each
@@ -391,7 +443,7 @@ def test_vq_codebook_tamper_detected(vq_exported, tmp_path):
     for name in ("encoder.onnx", "encoder.json", "codebook.npy"):
         (tmp_path / name).write_bytes((out / name).read_bytes())
     onnx_path = str(tmp_path / "encoder.onnx")
-    assert load_sidecar(onnx_path)["model_kind"] == "vq"
+    assert load_sidecar(onnx_path).model_kind == "vq"
     codebook = np.load(tmp_path / "codebook.npy")
     codebook[0, 0] += 1e-3
     np.save(tmp_path / "codebook.npy", codebook)
@@ -400,7 +452,7 @@ def test_vq_codebook_tamper_detected(vq_exported, tmp_path):
     (tmp_path / "codebook.npy").unlink()
     with pytest.raises(SidecarError, match="codebook file not found"):
         load_sidecar(onnx_path)
-    assert load_sidecar(onnx_path, verify_hash=False)["num_codes"] == 32
+    assert load_sidecar(onnx_path, verify_hash=False).vq.num_codes == 32
 
 
 def test_vq_index_dtype_boundary():
@@ -451,7 +503,7 @@ def test_vq_cosine_export_stores_unit_codes(tmp_path):
     sidecar = export_model(model, str(tmp_path), RES, parity_batch=2)
     codebook = np.load(tmp_path / "codebook.npy")
     np.testing.assert_allclose(np.linalg.norm(codebook, axis=1), 1.0, rtol=1e-6)
-    assert sidecar["distance"] == "cosine" and sidecar["parity"]["index_mismatches"] == 0
+    assert sidecar.vq.distance == "cosine" and sidecar.parity["index_mismatches"] == 0
 
 
 def test_vq_latent_moments_use_quantized(vq_model):

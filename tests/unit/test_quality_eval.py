@@ -81,7 +81,7 @@ def test_kl_run_reports_psnr_ssim_and_export_copies_them(sample_corpus):
             checkpoint=result["checkpoint"], output="memory://eval-export", scale_samples=8
         )
     )
-    assert sidecar["quality"] == figures
+    assert sidecar.quality == figures and sidecar.quality_psnr_db() == figures["psnr_db"]
 
 
 def test_textbook_vae_reports_nats_iwae_and_bits_per_dim(mnist_shards):
