@@ -24,6 +24,8 @@ from typing import IO, Any
 import fsspec
 
 from pipeline.config import save_resolved_config
+from pipeline.contracts.layout import INPUTS_FILE, MANIFEST_FILE, MANIFEST_VERSION, SHARDS_FILE
+from pipeline.contracts.manifest import Manifest
 from pipeline.latents.format import (
     CODEBOOK_FILE,
     INDICES_FIELD,
@@ -45,10 +47,6 @@ from pipeline.latents.format import (
 )
 from pipeline.latents.stats import ChannelStats, CodeUsage
 
-MANIFEST_VERSION = 3
-MANIFEST_FILE = "manifest.json"
-SHARDS_FILE = "shards.jsonl"
-INPUTS_FILE = "inputs.jsonl"
 PREFETCH = 16  # commit records read ahead (object stores: latency, not bandwidth, bounds this)
 
 
@@ -257,7 +255,7 @@ class FinalizeInputs:
     run_s: float  # this run's time so far
 
 
-def finalize(job: FinalizeInputs) -> dict[str, Any]:
+def finalize(job: FinalizeInputs) -> Manifest:
     """Write the corpus's lists, codebook, config and, last, manifest.json; returns it."""
     cfg, sidecar = job.cfg, job.sidecar
     codes = CodeUsage(len(job.codebook[1])) if job.codebook is not None else None
@@ -302,5 +300,7 @@ def finalize(job: FinalizeInputs) -> dict[str, Any]:
         "images_per_s": round(counts.get("rows", 0) / wall, 3) if wall > 0 else None,
         "runs": len(totals.run_elapsed),
     }
-    write_json_atomic(join_url(cfg.output, MANIFEST_FILE), manifest)  # last: the corpus is done
-    return manifest
+    url = join_url(cfg.output, MANIFEST_FILE)
+    typed = Manifest.from_dict(manifest, url)  # what readers will accept, checked before writing
+    write_json_atomic(url, typed.to_dict())  # last: the corpus is done
+    return typed

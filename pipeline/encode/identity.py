@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.encode.finalize import MANIFEST_FILE, MANIFEST_VERSION
+from pipeline.contracts.layout import MANIFEST_FILE, MANIFEST_VERSION
 from pipeline.latents.format import (
     MANIFEST_FORMAT,
     job_url,

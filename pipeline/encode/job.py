@@ -21,10 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import posixpath
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -36,6 +34,8 @@ from typing import Any
 
 import fsspec
 
+from pipeline.contracts.layout import INPUTS_FILE, MANIFEST_FILE
+from pipeline.contracts.manifest import Manifest
 from pipeline.contracts.sidecar import Sidecar, load_sidecar
 from pipeline.data.fingerprint import describe_change, input_fingerprints
 from pipeline.data.urls import absolute_spec, expand_shard_urls
@@ -44,8 +44,6 @@ from pipeline.encode.cluster import actor_capacity, capacity_line
 from pipeline.encode.config import EncodeConfig, StorageConfig, decode_threads, validate_config
 from pipeline.encode.dedup import RewriteSpec, resolve_duplicates
 from pipeline.encode.finalize import (
-    INPUTS_FILE,
-    MANIFEST_FILE,
     FinalizeInputs,
     finalize,
     latent_spec,
@@ -308,12 +306,12 @@ def scan_committed(job: Job, fingerprints: dict[str, dict]) -> Committed:
     return found
 
 
-def _finished_manifest(job: Job, fingerprints: dict[str, dict]) -> dict[str, Any] | None:
+def _finished_manifest(job: Job, fingerprints: dict[str, dict]) -> Manifest | None:
     """The manifest of a finished corpus whose inputs are all unchanged, else None (a finished
     corpus with a changed input shard is reopened: that shard is encoded again)."""
     url = join_url(job.cfg.output, MANIFEST_FILE)
     try:
-        manifest = read_json(url)
+        manifest = Manifest.from_dict(read_json(url), url)
     except FileNotFoundError:
         return None
     fs, path = fsspec.core.url_to_fs(join_url(job.cfg.output, INPUTS_FILE))
@@ -547,14 +545,6 @@ def run_passes(job: Job, pending: list[int], progress: Progress, lease: Lease) -
 # ----------------------------------------------------------------------------- entry point
 
 
-def _owner(run: str) -> LeaseOwner:
-    job_id = os.environ.get("RAY_JOB_ID", "") or os.environ.get("RAY_JOB_SUBMISSION_ID", "")
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return LeaseOwner(
-        run=run, host=socket.gethostname(), pid=os.getpid(), job=job_id, started=started
-    )
-
-
 def _rewrite_spec(job: Job) -> RewriteSpec:
     latent = latent_spec(job.cfg.storage, job.sidecar, [])
     return RewriteSpec(
@@ -566,7 +556,7 @@ def _rewrite_spec(job: Job) -> RewriteSpec:
     )
 
 
-def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
+def encode_corpus(cfg: EncodeConfig) -> Manifest:
     """Encode ``cfg.input`` into latent shards under ``cfg.output``; returns the manifest.
 
     Re-running after an interruption does only the missing units; re-running a finished job
@@ -575,7 +565,7 @@ def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
     holds the output's lease (LeaseHeldError).
     """
     job = _prepare(cfg)
-    with Lease.acquire(job.cfg.output, _owner(job.run), job.cfg.lease_ttl_s) as lease:
+    with Lease.acquire(job.cfg.output, LeaseOwner.current(job.run), job.cfg.lease_ttl_s) as lease:
         resumed = claim_output(job.cfg.output, job.cfg.prefix, job.identity)
         fingerprints = input_fingerprints(job.urls)
         finished = _finished_manifest(job, fingerprints) if resumed else None
@@ -583,13 +573,13 @@ def encode_corpus(cfg: EncodeConfig) -> dict[str, Any]:
             log.info(
                 "%s is already complete (%d latents); nothing to do",
                 job.cfg.output,
-                finished["samples"],
+                finished.samples,
             )
             return finished
         return _encode_and_finalize(job, fingerprints, lease)
 
 
-def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) -> dict[str, Any]:
+def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) -> Manifest:
     from pipeline.raysetup import init_ray
 
     cfg = job.cfg
@@ -632,11 +622,11 @@ def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) 
     )
     log.info(
         "wrote %d latents in %d shard(s) to %s (%d rejected, %.1f img/s)",
-        manifest["samples"],
-        manifest["shard_count"],
+        manifest.samples,
+        manifest.shard_count,
         cfg.output,
-        manifest["rejects"],
-        manifest["images_per_s"] or 0.0,
+        manifest.rejects,
+        manifest.images_per_s or 0.0,
     )
     return manifest
 
