@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import posixpath
 import queue
 import threading
@@ -70,6 +71,7 @@ from pipeline.latents.format import (
 
 __all__ = [
     "EncodeConfig",
+    "EncodeCapacityError",
     "EncodeConflictError",
     "EncodeIncompleteError",
     "EncodeOverflowError",
@@ -91,6 +93,10 @@ class EncodeStalledError(RuntimeError):
 
 class EncodeIncompleteError(RuntimeError):
     """Some units could not be committed in ``max_passes`` passes."""
+
+
+class EncodeCapacityError(RuntimeError):
+    """The cluster cannot hold ``min_actors`` encoder actors (and none is coming)."""
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -341,9 +347,7 @@ def build_dataset(job: Job, units: list[int]):
 
     cfg = job.cfg
     gpus = _actor_gpus(cfg)
-    capacity = actor_capacity(ray.cluster_resources(), cfg.actor_cpus, gpus)
-    if capacity < cfg.min_actors:
-        raise EncodeStalledError(_no_capacity(cfg, gpus, capacity))
+    capacity = wait_for_capacity(cfg, gpus)
     items = [{"unit": u, "url": job.urls[u], "run": job.run, "run_start": job.start} for u in units]
     # One unit per block: units are the grain of scheduling, retry and load balance.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -391,6 +395,31 @@ def _actor_gpus(cfg: EncodeConfig) -> float:
     if cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1 and gpu_visible():
         return 1.0
     return 0.0
+
+
+def wait_for_capacity(cfg: EncodeConfig, gpus: float) -> int:
+    """How many encoder actors the cluster holds, once it holds at least ``min_actors``.
+
+    Embedded Ray (no RAY_ADDRESS) cannot grow: too little there fails at once. On a cluster an
+    autoscaler may be adding nodes, so the job waits, saying for what, up to stall_timeout_s.
+    """
+    import ray
+
+    start = last_warn = time.monotonic()
+    while True:
+        capacity = actor_capacity(ray.cluster_resources(), cfg.actor_cpus, gpus)
+        if capacity >= cfg.min_actors:
+            return capacity
+        waited = time.monotonic() - start
+        on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+        if not on_cluster or (cfg.stall_timeout_s and waited >= cfg.stall_timeout_s):
+            raise EncodeCapacityError(_no_capacity(cfg, gpus, capacity))
+        if time.monotonic() - last_warn >= cfg.stall_warn_s:
+            last_warn = time.monotonic()
+            log.warning(
+                "waiting %.0f s for capacity: %s", waited, _no_capacity(cfg, gpus, capacity)
+            )
+        time.sleep(1.0)
 
 
 def _no_capacity(cfg: EncodeConfig, gpus: float, capacity: int) -> str:

@@ -18,6 +18,7 @@ def ray_local():
         yield ray
         return
     ray.init(
+        address="local",  # always our own: never join a cluster another process started
         num_cpus=2,
         include_dashboard=False,
         logging_level=logging.WARNING,
