@@ -75,7 +75,7 @@ COMMANDS = {
     ),
     "verify": Command(
         "check a latent corpus: checksums, exactly-once vs its input, decode PSNR",
-        "pipeline.latents.verify",
+        "pipeline.verify",
         "VerifyConfig",
         "verify_corpus",
         ok_key="ok",

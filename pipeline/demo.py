@@ -26,23 +26,20 @@ import torch
 from PIL import Image
 
 from pipeline.config import save_resolved_config
+from pipeline.contracts.manifest import Manifest, load_manifest
 from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
 from pipeline.encode.job import EncodeConfig, encode_corpus
 from pipeline.export import ExportConfig, export_from_checkpoint
-from pipeline.latents.format import (
-    VQ_KIND,
-    iter_latents,
-    load_manifest,
-    load_manifest_codebook,
-)
-from pipeline.latents.verify import decode_pixels, psnr_db
+from pipeline.latents.format import iter_latents, load_manifest_codebook
 from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
+from pipeline.raysetup import init_ray
 from pipeline.train.checkpoint import load_model
 from pipeline.train.config import TrainConfig, TrainRunConfig
 from pipeline.train.run import train
+from pipeline.verify import VerifyConfig, decode_pixels, psnr_db, verify_corpus
 
 log = logging.getLogger("latentpipe.demo")
 
@@ -96,8 +93,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     started = time.perf_counter()
     workdir = _prepare_workdir(Path(cfg.workdir))
     save_resolved_config(cfg, str(workdir), "demo-config.yaml")
-    from pipeline.raysetup import init_ray
-
     init_ray(num_cpus=cfg.num_cpus or None)
 
     log.info("[1/6] building the sample corpus shards")
@@ -113,7 +108,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     encode_cfg = dataclasses.replace(
         cfg.encode, input=f"{corpus['train']},{corpus['val']}", encoder=encoder_path
     )
-    manifest = encode_corpus(encode_cfg)
+    encode_corpus(encode_cfg)
+    manifest = load_manifest(cfg.encode.output)  # what readers see, validated
     log.info("[5/6] verifying the latent corpus (exactly once, checksums, decode PSNR)")
     verified = _verify(cfg.encode.output, trained["checkpoint"])
     log.info("[6/6] decoding validation latents and measuring PSNR")
@@ -132,12 +128,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         "grid": report["grid"],
         "psnr_db": report["psnr_db"],
         "train_metrics": trained["metrics"],
-        "samples_encoded": manifest["samples"],
-        "rejects": manifest["rejects"],
-        "scaling_factor": manifest["scaling_factor"],
+        "samples_encoded": manifest.samples,
+        "rejects": manifest.rejects,
+        "scaling_factor": manifest.scaling_factor,
         "verify": verified,
-        "onnx_parity_max_abs_diff": sidecar["parity"]["max_abs_diff"],
-        "model_kind": sidecar["model_kind"],
+        "onnx_parity_max_abs_diff": sidecar.parity["max_abs_diff"],
+        "model_kind": sidecar.model_kind,
         **_codebook_summary(trained["metrics"], manifest),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
@@ -154,8 +150,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _verify(latents_dir: str, checkpoint: str) -> dict:
     """`latentpipe verify` on the demo's own corpus; a failed check fails the demo."""
-    from pipeline.latents.verify import VerifyConfig, verify_corpus
-
     report = verify_corpus(VerifyConfig(output=latents_dir, decoder=checkpoint))
     if not report["ok"]:
         raise RuntimeError(f"latent corpus failed verification: {report['errors'][:3]}")
@@ -163,11 +157,11 @@ def _verify(latents_dir: str, checkpoint: str) -> dict:
     return {k: report[k] for k in keys}
 
 
-def _codebook_summary(train_metrics: dict, manifest: dict) -> dict:
+def _codebook_summary(train_metrics: dict, manifest: Manifest) -> dict:
     """VQ only: codebook usage/perplexity at the end of training and over the stored indices."""
-    if manifest["latent"].get("kind") != VQ_KIND:
+    if not manifest.is_vq:
         return {}
-    corpus = manifest["code_usage"]
+    corpus = manifest.code_usage
     return {
         "codebook": {
             "num_codes": corpus["num_codes"],
@@ -240,7 +234,7 @@ def _corpus_codebook(latents_dir: str, model: torch.nn.Module) -> np.ndarray | N
     """VQ: the corpus's own codebook.npy (hash-checked), which must be the trained model's
     lookup codebook, so lookup + decode equals ``VQAutoencoder.decode_indices``; KL: None."""
     manifest = load_manifest(latents_dir)
-    if manifest["latent"].get("kind") != VQ_KIND:
+    if not manifest.is_vq:
         return None
     codebook = load_manifest_codebook(latents_dir, manifest)
     if not np.array_equal(codebook, model.quantize.codes().detach().numpy()):

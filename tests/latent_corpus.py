@@ -1,13 +1,16 @@
 """Hand-built latent corpora for tests: writes the on-disk format directly (no encode job, no Ray).
 
-``write_corpus`` lays out shards, commit records, rejects.jsonl, codebook and manifest (v2)
-exactly as ``pipeline.latents.format`` documents them; ``write_encoded_corpus`` also writes the
-input image shards and encodes them with a real torch autoencoder, so a corpus can be checked
-end to end (``latentpipe verify``) without the encode job. Works on local dirs and ``memory://``.
+``write_corpus`` lays out shards, commit records, rejects.jsonl, shards.jsonl, inputs.jsonl,
+codebook and manifest (v3) exactly as ``pipeline.contracts`` describes them, building the
+manifest through its typed contract; ``write_encoded_corpus`` also writes the input image shards
+and encodes them with a real torch autoencoder, so a corpus can be checked end to end
+(``latentpipe verify``) without the encode job. Works on local dirs and ``memory://``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import tarfile
@@ -17,28 +20,42 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline.latents.format import (
+from pipeline.contracts.layout import (
     CODEBOOK_FILE,
     INDICES_FIELD,
+    INPUTS_FILE,
     LATENT_FIELD,
     MANIFEST_FILE,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
     MEAN_KIND,
     REJECTS_FILE,
+    SHARDS_FILE,
     SIZES_FIELD,
     STD_FIELD,
     VQ_KIND,
     commit_url,
-    encode_latent,
-    encode_npy,
     join_url,
-    sha256_bytes,
     shard_name,
     storage_dtype,
+)
+from pipeline.contracts.manifest import (
+    EncoderRef,
+    InputLineage,
+    LatentSpec,
+    Manifest,
+    ShardEntry,
+    write_jsonl,
+)
+from pipeline.contracts.sidecar import Sidecar, build_sidecar
+from pipeline.data.fingerprint import fingerprint_of
+from pipeline.latents.format import (
+    encode_latent,
+    encode_npy,
+    lookup_codebook,
+    sha256_bytes,
     write_bytes_atomic,
     write_json_atomic,
 )
+from pipeline.latents.stats import ChannelStats
 
 ENCODER_SHA256 = "e" * 64
 DOWNSAMPLE = 2  # the tiny test autoencoders are f2
@@ -108,6 +125,15 @@ def sample_files(sample: Sample, kind: str, dtype: str) -> dict[str, bytes]:
     return files
 
 
+@dataclass
+class Corpus:
+    """What :func:`write_corpus` wrote: the typed manifest and the records of its .jsonl files."""
+
+    manifest: Manifest
+    shards: list[ShardEntry]
+    inputs: list[InputLineage]
+
+
 def write_corpus(
     directory: str,
     units: list[list[Sample]],
@@ -119,17 +145,18 @@ def write_corpus(
     inputs: list[str] | None = None,
     rejects: list[dict] | None = None,
     encoder_sha256: str = ENCODER_SHA256,
-    sidecar: dict | None = None,
+    sidecar: Sidecar | None = None,
     preprocess: dict | None = None,
     prefix: str = "latents",
     finished: bool = True,
-) -> dict[str, Any]:
-    """Write a corpus with one input shard per entry of ``units``; returns its manifest.
+) -> Corpus:
+    """Write a corpus with one input shard per entry of ``units``.
 
     Samples of a unit are split into one shard per latent shape; when the corpus holds several
     shapes, shards are named by bucket (``-h{H}w{W}``). ``codebook`` makes a VQ corpus (``dtype``
     is then the index dtype). ``finished=False`` stops before the manifest (commit records only).
-    ``scaling_factor=None`` writes a manifest without one (an unusable corpus).
+    ``scaling_factor=None`` writes a manifest without one (an unusable corpus). Input shards
+    that exist get their real fingerprint in inputs.jsonl, others an empty one.
     """
     kind = VQ_KIND if codebook is not None else MEAN_KIND
     inputs = inputs or [
@@ -138,7 +165,7 @@ def write_corpus(
     rejects = rejects or []
     shapes = {tuple(s.latent.shape) for unit in units for s in unit}
     bucketed = len(shapes) > 1
-    shards = []
+    shards, lineage = [], []
     for unit, samples in enumerate(units):
         unit_shards = _write_unit(
             directory, prefix, unit, inputs[unit], samples, kind, dtype, bucketed
@@ -147,38 +174,136 @@ def write_corpus(
         record = {
             "unit": unit,
             "input": inputs[unit],
-            "shards": unit_shards,
+            "shards": [entry.to_dict() for entry in unit_shards],
             "rejects": unit_rejects,
+            "keys": [s.key for s in samples],
         }
-        record["keys"] = [s.key for s in samples]
         write_json_atomic(commit_url(directory, unit), record)
         shards += unit_shards
+        lineage.append(
+            InputLineage(
+                unit=unit,
+                url=inputs[unit],
+                fingerprint=_fingerprint(inputs[unit]),
+                rows=len(samples) + len(unit_rejects),
+                samples=len(samples),
+                rejects=len(unit_rejects),
+                shards=[entry.name for entry in unit_shards],
+            )
+        )
     _write_rejects(directory, rejects)
     latent = _latent_section(directory, kind, dtype, shapes, codebook, units)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "encoder": {"path": "encoder.onnx", "sha256": encoder_sha256, "sidecar": sidecar or {}},
-        "preprocess": preprocess or {"mode": "center_crop", "resolution": _resolution(shapes)},
-        "storage": {"dtype": dtype, "latent": "mean", "store_std": latent["std_field"] is not None},
-        "latent": latent,
-        "scaling_factor": scaling_factor,
-        "shift_factor": shift_factor,
-        "scaling_source": "test",
-        "shards": shards,
-        "inputs": inputs,
-        "samples": sum(entry["samples"] for entry in shards),
-        "rejects": len(rejects),
-        "rejects_file": REJECTS_FILE,
-    }
-    if scaling_factor is None:
-        del manifest["scaling_factor"]
+    corpus = Corpus(
+        manifest=_manifest(
+            directory,
+            shards,
+            lineage,
+            latent,
+            _stats(units, latent, codebook),
+            encoder=EncoderRef("encoder.onnx", encoder_sha256, sidecar or kl_sidecar()),
+            preprocess=preprocess or {"mode": "center_crop", "resolution": _resolution(shapes)},
+            scale=(scaling_factor if scaling_factor is not None else 1.0, shift_factor),
+            rejects=len(rejects),
+        ),
+        shards=shards,
+        inputs=lineage,
+    )
     if finished:
-        write_json_atomic(join_url(directory, MANIFEST_FILE), manifest)
-    return manifest
+        data = corpus.manifest.to_dict()
+        if scaling_factor is None:
+            del data["scaling_factor"]
+        write_json_atomic(join_url(directory, MANIFEST_FILE), data)
+    return corpus
 
 
-def _write_unit(directory, prefix, unit, source, samples, kind, dtype, bucketed) -> list[dict]:
+def _manifest(directory, shards, lineage, latent, stats, *, encoder, preprocess, scale, rejects):
+    """The manifest of a corpus, as the encode job's finalise writes it (timings aside)."""
+    shards_file = write_jsonl(join_url(directory, SHARDS_FILE), shards)
+    inputs_file = write_jsonl(join_url(directory, INPUTS_FILE), lineage)
+    urls = "\n".join(record.url for record in lineage).encode("utf-8")
+    samples = sum(entry.samples for entry in shards)
+    return Manifest(
+        encoder=encoder,
+        job={"inputs_count": len(lineage), "inputs_sha256": hashlib.sha256(urls).hexdigest()},
+        preprocess=preprocess,
+        storage={
+            "dtype": latent.dtype,
+            "latent": "mean",
+            "store_std": latent.std_field is not None,
+        },
+        latent=latent,
+        scaling_factor=float(scale[0]),
+        shift_factor=float(scale[1]),
+        scaling_source="test",
+        measured_mean=stats["mean"],
+        measured_std=stats["std"],
+        channel_mean=stats["channel_mean"],
+        channel_std=stats["channel_std"],
+        values_per_channel=stats["values_per_channel"],
+        shards_sha256=shards_file.sha256,
+        shard_count=shards_file.count,
+        inputs_sha256=inputs_file.sha256,
+        input_count=inputs_file.count,
+        input_samples=sum(record.rows for record in lineage),
+        empty_inputs=sum(record.rows == 0 for record in lineage),
+        samples=samples,
+        rejects=rejects,
+        merged_keys=0,
+        replaced_fields=0,
+        nonfinite_rejects=0,
+        overflow_rejects=0,
+        duplicate_rejects=0,
+        fp16_retries=0,
+        wall_time_s=1.0,
+        images_per_s=float(samples),
+        runs=1,
+    )
+
+
+def _fingerprint(url: str) -> dict:
+    try:
+        return fingerprint_of(url)
+    except FileNotFoundError:  # a corpus of made-up latents: its inputs do not exist
+        return {}
+
+
+def _stats(units, latent: LatentSpec, codebook) -> dict[str, Any]:
+    """The channel statistics of the stored latents (VQ: of their codebook lookup)."""
+    stats = ChannelStats(latent.channels)
+    for unit in units:
+        for sample in unit:
+            values = np.asarray(sample.latent)
+            if codebook is not None:
+                if values.size and values.max() >= len(codebook):
+                    continue  # a deliberately broken sample: the job would never store it
+                values = lookup_codebook(values, codebook)
+            if np.isfinite(values).all():  # likewise: statistics stay finite, as the job's do
+                stats.update(values[None].astype(np.float32))
+    return stats.summary()
+
+
+def rewrite_shard(directory: str, corpus: Corpus, position: int, samples: list[Sample]) -> Corpus:
+    """Replace shard ``position`` with ``samples`` and fix up every hash and count that pins it
+    (shards.jsonl, the manifest), so only a check of the values themselves can tell."""
+    entry = corpus.shards[position]
+    manifest = corpus.manifest
+    kind, dtype = manifest.latent.kind, manifest.latent.dtype
+    data = tar_bytes([(s.key, sample_files(s, kind, dtype)) for s in samples])
+    write_bytes_atomic(join_url(directory, entry.name), data)
+    shards = list(corpus.shards)
+    shards[position] = dataclasses.replace(
+        entry, samples=len(samples), bytes=len(data), sha256=sha256_bytes(data)
+    )
+    pinned = write_jsonl(join_url(directory, SHARDS_FILE), shards)
+    total = sum(e.samples for e in shards)
+    manifest = dataclasses.replace(
+        manifest, shards_sha256=pinned.sha256, shard_count=pinned.count, samples=total
+    )
+    write_json_atomic(join_url(directory, MANIFEST_FILE), manifest.to_dict())
+    return Corpus(manifest, shards, corpus.inputs)
+
+
+def _write_unit(directory, prefix, unit, source, samples, kind, dtype, bucketed) -> list:
     by_shape: dict[tuple[int, ...], list[Sample]] = {}
     for sample in samples:
         by_shape.setdefault(tuple(sample.latent.shape), []).append(sample)
@@ -189,16 +314,16 @@ def _write_unit(directory, prefix, unit, source, samples, kind, dtype, bucketed)
         data = tar_bytes([(s.key, sample_files(s, kind, dtype)) for s in group])
         write_bytes_atomic(join_url(directory, name), data)
         entries.append(
-            {
-                "name": name,
-                "samples": len(group),
-                "bytes": len(data),
-                "sha256": sha256_bytes(data),
-                "unit": unit,
-                "source": source,
-                "bucket": bucket,
-                "latent_shape": list(shape),
-            }
+            ShardEntry(
+                name=name,
+                samples=len(group),
+                bytes=len(data),
+                sha256=sha256_bytes(data),
+                unit=unit,
+                source=source,
+                bucket=bucket,
+                latent_shape=list(shape),
+            )
         )
     return entries
 
@@ -208,29 +333,32 @@ def _write_rejects(directory: str, rejects: list[dict]) -> None:
     write_bytes_atomic(join_url(directory, REJECTS_FILE), text.encode("utf-8"))
 
 
-def _latent_section(directory, kind, dtype, shapes, codebook, units) -> dict[str, Any]:
+def _latent_section(directory, kind, dtype, shapes, codebook, units) -> LatentSpec:
     has_std = any(s.std is not None for unit in units for s in unit)
     shape = list(next(iter(shapes))) if len(shapes) == 1 else None
-    section = {
+    common = {
         "kind": kind,
         "field": INDICES_FIELD if kind == VQ_KIND else LATENT_FIELD,
         "dtype": dtype,
         "storage_dtype": dtype if kind == VQ_KIND else storage_dtype(dtype),
         "channels": codebook.shape[1] if kind == VQ_KIND else next(iter(shapes))[0],
         "shape": shape,
+        "shapes": sorted(list(s) for s in shapes),
         "std_field": STD_FIELD if has_std else None,
         "sizes_field": SIZES_FIELD,
     }
-    if kind == VQ_KIND:
-        data = encode_npy(codebook.astype(np.float32))
-        write_bytes_atomic(join_url(directory, CODEBOOK_FILE), data)
-        section.update(
-            num_codes=len(codebook),
-            code_dim=codebook.shape[1],
-            codebook_file=CODEBOOK_FILE,
-            codebook_sha256=sha256_bytes(data),
-        )
-    return section
+    if kind != VQ_KIND:
+        return LatentSpec(**common)
+    data = encode_npy(codebook.astype(np.float32))
+    write_bytes_atomic(join_url(directory, CODEBOOK_FILE), data)
+    return LatentSpec(
+        **common,
+        num_codes=len(codebook),
+        code_dim=codebook.shape[1],
+        lookup_shape=[codebook.shape[1], *shape] if shape else None,
+        codebook_file=CODEBOOK_FILE,
+        codebook_sha256=sha256_bytes(data),
+    )
 
 
 def _resolution(shapes: set[tuple[int, ...]]) -> int:
@@ -320,14 +448,23 @@ def _encoded(model, key: str, image: bytes, caption: str, preprocess) -> Sample:
     return Sample(key, latent, caption=caption, sizes=sizes)
 
 
-def kl_sidecar(checkpoint: dict | None = None, resolution: int = 16) -> dict[str, Any]:
-    """The encoder sidecar fields a corpus manifest carries, for a tiny f2 KL encoder."""
-    return {
-        "model_kind": "kl",
-        "downsample_factor": DOWNSAMPLE,
-        "input": {"normalization": {"scale": 127.5, "offset": -1.0}, "resolution": resolution},
-        "checkpoint": checkpoint or {"path": "", "step": 0, "sha256": None},
-    }
+def kl_sidecar(
+    checkpoint: dict | None = None, resolution: int = 16, quality: dict | None = None
+) -> Sidecar:
+    """The sidecar of a tiny f2 KL encoder (4 latent channels), as export builds it."""
+    return build_sidecar(
+        onnx_file="encoder.onnx",
+        onnx_sha256=ENCODER_SHA256,
+        opset=17,
+        model_kind="kl",
+        resolution=resolution,
+        downsample_factor=DOWNSAMPLE,
+        latent_channels=4,
+        latent_stats={"mean": 0.0, "std": 1.0, "samples": 0, "source": ""},
+        parity={"max_abs_diff": 0.0},
+        checkpoint=checkpoint or {"path": "", "step": 0, "sha256": None},
+        quality=quality,
+    )
 
 
 def write_encoded_corpus(
@@ -339,7 +476,7 @@ def write_encoded_corpus(
     resolution: int = 16,
     checkpoint: dict | None = None,
     **corpus_options: Any,
-) -> dict[str, Any]:
+) -> Corpus:
     """:func:`encode_images` + :func:`write_corpus` (float32 latents unless ``dtype=`` given)."""
     inputs, units, preprocess = encode_images(input_dir, model, shards, resolution)
     corpus_options.setdefault("dtype", "float32")

@@ -50,6 +50,8 @@ MODEL_KINDS = ("kl", "vq")
 DISTANCES = ("l2", "cosine")
 INDEX_DTYPES = ("uint16", "int32")
 VQ_KEYS = ("num_codes", "code_dim", "distance", "index_dtype", "codebook_file", "codebook_sha256")
+# The file of a training checkpoint directory whose sha256 ``checkpoint.sha256`` records.
+CHECKPOINT_STATE_FILE = "state.pt"
 
 
 class SidecarError(ValueError):
@@ -162,7 +164,7 @@ class Sidecar:
     scaling_source: str  # "data" (measured at export) or "checkpoint" (published factors)
     latent_stats: dict  # {"mean", "std", "samples", "source"}
     parity: dict
-    checkpoint: dict  # {"path", "step", "sha256"} of the weights the encoder came from
+    checkpoint: dict  # {"path", "step", "sha256" of path/state.pt}: the weights it came from
     quality: dict | None
     created: str
     latentpipe_version: str

@@ -1,8 +1,10 @@
-"""Latent corpora for diffusion training: the on-disk format and its readers.
+"""Latent corpora for diffusion training: the readers of the on-disk format.
 
 ``LatentDataset`` (torch IterableDataset, DDP- and worker-aware) and ``read_latents`` (Ray Data)
 yield latents already shifted and scaled, with captions and size conditioning; both trust only
-committed, checksum-verified shards. ``verify_corpus`` checks a corpus against its input.
+committed, checksum-verified shards. The manifest and its shard list are typed contracts
+(:mod:`pipeline.contracts.manifest`). This package imports nothing of encode, export or train;
+``latentpipe verify`` lives in :mod:`pipeline.verify`.
 Exports resolve lazily so ``import pipeline.latents`` pays for neither torch nor Ray.
 """
 
@@ -12,8 +14,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CorpusError": "pipeline.latents.format",
-    "load_manifest": "pipeline.latents.format",
+    "CorpusError": "pipeline.contracts.manifest",
+    "Manifest": "pipeline.contracts.manifest",
+    "ShardEntry": "pipeline.contracts.manifest",
+    "InputLineage": "pipeline.contracts.manifest",
+    "load_manifest": "pipeline.contracts.manifest",
+    "iter_shard_entries": "pipeline.contracts.manifest",
+    "iter_inputs": "pipeline.contracts.manifest",
+    "manifest_shards": "pipeline.contracts.manifest",
     "iter_latents": "pipeline.latents.format",
     "read_rejects": "pipeline.latents.format",
     "read_commits": "pipeline.latents.format",
@@ -21,10 +29,10 @@ _EXPORTS = {
     "load_manifest_codebook": "pipeline.latents.format",
     "lookup_codebook": "pipeline.latents.format",
     "decode_latent": "pipeline.latents.format",
+    "ChannelStats": "pipeline.latents.stats",
+    "CodeUsage": "pipeline.latents.stats",
     "LatentDataset": "pipeline.latents.dataset",
     "read_latents": "pipeline.latents.raydata",
-    "VerifyConfig": "pipeline.latents.verify",
-    "verify_corpus": "pipeline.latents.verify",
 }
 
 __all__ = sorted(_EXPORTS)

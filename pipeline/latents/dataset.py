@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.contracts.manifest import Manifest, ShardEntry, load_manifest, manifest_shards
 from pipeline.latents.format import (
-    VQ_KIND,
     VQ_OUTPUTS,
     decode_sample,
-    load_manifest,
     load_manifest_codebook,
     read_shard,
     select_shards,
@@ -72,8 +71,8 @@ class LatentDataset(IterableDataset):
         _check_options(batch_size, split, vq_output)
         manifest = load_manifest(directory, expected_encoder_sha256)
         self.directory = directory
-        self.entries = select_shards(manifest, directory, shards)
-        self.manifest = manifest  # the whole validated manifest (channel stats, encoder, ...)
+        self.entries = select_shards(manifest_shards(directory, manifest), directory, shards)
+        self.manifest = manifest  # the validated manifest (channel stats, encoder, ...)
         self.codebook = _codebook(directory, manifest, vq_output)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -89,7 +88,7 @@ class LatentDataset(IterableDataset):
     @property
     def num_samples(self) -> int:
         """Samples in the selected shards (all ranks and workers together)."""
-        return sum(int(entry["samples"]) for entry in self.entries)
+        return sum(entry.samples for entry in self.entries)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (shard order and samples within a shard, when shuffling)."""
@@ -131,7 +130,7 @@ class LatentDataset(IterableDataset):
             if not by_shards:
                 start = (worker - first_index) % total
                 samples = samples[start::total]
-                first_index += int(entry["samples"])
+                first_index += entry.samples
             for key, files in self._shuffled(samples, position):
                 yield self._to_torch(key, files, entry)
 
@@ -143,7 +142,7 @@ class LatentDataset(IterableDataset):
 
     # ------------------------------------------------------------------------- samples and batches
 
-    def _to_torch(self, key: str, files: dict[str, bytes], entry: dict[str, Any]) -> dict:
+    def _to_torch(self, key: str, files: dict[str, bytes], entry: ShardEntry) -> dict:
         sample = decode_sample(key, files, self.manifest, entry, self.codebook, self.vq_output)
         return {
             name: torch.from_numpy(np.ascontiguousarray(value))
@@ -194,8 +193,8 @@ def _check_enough_shards(shards: int, workers: int, what: str) -> None:
         )
 
 
-def _codebook(directory: str, manifest: dict[str, Any], vq_output: str) -> np.ndarray | None:
-    if manifest["latent"]["kind"] != VQ_KIND or vq_output != "latents":
+def _codebook(directory: str, manifest: Manifest, vq_output: str) -> np.ndarray | None:
+    if not manifest.is_vq or vq_output != "latents":
         return None
     return load_manifest_codebook(directory, manifest)
 

@@ -1,6 +1,6 @@
 """``read_latents``: a latent corpus as a Ray Dataset, one row per sample.
 
-The manifest is validated on the driver; shards are read (whole, size/sha256/count checked) in
+The manifest and shards.jsonl are validated on the driver; shards are read (whole, size/sha256/count checked) in
 Ray tasks, one task per shard. Ray is imported only when ``read_latents`` runs, so importing
 ``pipeline.latents`` stays cheap.
 """
@@ -12,15 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.latents.format import (
-    VQ_KIND,
-    VQ_OUTPUTS,
+from pipeline.contracts.manifest import (
     CorpusError,
-    decode_sample,
+    Manifest,
+    ShardEntry,
     load_manifest,
+    manifest_shards,
+)
+from pipeline.latents.format import (
+    VQ_OUTPUTS,
+    decode_sample,
     load_manifest_codebook,
     read_shard,
-    reader_manifest,
     select_shards,
 )
 
@@ -51,37 +54,37 @@ def read_latents(
     so read such a corpus with ``bucket=`` (one dataset per bucket). ``shards`` selects
     committed shards by name.
     """
-    import ray.data
+    import ray.data  # here, not at the top: importing pipeline.latents must not load Ray
 
     if vq_output not in VQ_OUTPUTS:
         raise ValueError(f"vq_output must be one of {list(VQ_OUTPUTS)}, got {vq_output!r}")
     manifest = load_manifest(directory, expected_encoder_sha256)
-    entries = select_shards(manifest, directory, shards)
+    entries = select_shards(manifest_shards(directory, manifest), directory, shards)
     if bucket is not None:
         entries = _in_bucket(manifest, entries, bucket, directory)
     codebook = None
-    if manifest["latent"]["kind"] == VQ_KIND and vq_output == "latents":
+    if manifest.is_vq and vq_output == "latents":
         codebook = load_manifest_codebook(directory, manifest)
-    items = [{_ITEM: json.dumps(entry)} for entry in entries]
+    items = [{_ITEM: json.dumps(entry.to_dict())} for entry in entries]
     # One block per shard, so shards are read by parallel tasks rather than one after another.
     shard_rows = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return shard_rows.flat_map(
         _shard_rows,
-        fn_args=(directory, reader_manifest(manifest), codebook, vq_output),
+        fn_args=(directory, manifest, codebook, vq_output),
     )
 
 
-def entry_bucket(manifest: dict[str, Any], entry: dict[str, Any]) -> tuple[int, int] | None:
+def entry_bucket(manifest: Manifest, entry: ShardEntry) -> tuple[int, int] | None:
     """The (height, width) pixel bucket of a shard; centre-crop shards have the square one."""
-    if entry.get("bucket") is not None:
-        return int(entry["bucket"][0]), int(entry["bucket"][1])
-    resolution = manifest.get("preprocess", {}).get("resolution")
+    if entry.bucket is not None:
+        return entry.bucket[0], entry.bucket[1]
+    resolution = manifest.preprocess.get("resolution")
     return (int(resolution), int(resolution)) if resolution else None
 
 
 def _in_bucket(
-    manifest: dict[str, Any], entries: list[dict[str, Any]], bucket: tuple[int, int], where: str
-) -> list[dict[str, Any]]:
+    manifest: Manifest, entries: list[ShardEntry], bucket: tuple[int, int], where: str
+) -> list[ShardEntry]:
     wanted = (int(bucket[0]), int(bucket[1]))
     kept = [entry for entry in entries if entry_bucket(manifest, entry) == wanted]
     if not kept:
@@ -93,12 +96,12 @@ def _in_bucket(
 def _shard_rows(
     row: dict[str, Any],
     directory: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     codebook: np.ndarray | None,
     vq_output: str,
 ) -> list[dict[str, Any]]:
     """Ray task: one shard entry -> its decoded samples (after the whole shard checks out)."""
-    entry = json.loads(row[_ITEM])
+    entry = ShardEntry.from_dict(json.loads(row[_ITEM]), f"{directory}: shard row")
     return [
         decode_sample(key, files, manifest, entry, codebook, vq_output)
         for key, files in read_shard(directory, entry)

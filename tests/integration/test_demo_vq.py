@@ -1,13 +1,14 @@
 """`latentpipe demo configs/demo-vq.yaml` end to end (a short schedule): a small VQ-VAE whose
 latent shards hold uint16 code indices, decoded back through the corpus's codebook."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
 
+from pipeline.contracts.manifest import load_manifest, manifest_shards
+from pipeline.latents.format import load_manifest_codebook, lookup_codebook
 from tests.integration.conftest import run_short_demo
 
 pytestmark = pytest.mark.slow
@@ -37,17 +38,17 @@ def test_summary_reports_codebook_usage_and_perplexity(demo_summary):
 
 
 def test_latent_shards_hold_uint16_indices(demo_summary):
-    from pipeline.encode import load_manifest_codebook, lookup_codebook
-
-    manifest = json.loads(Path(demo_summary["manifest"]).read_text())
-    assert manifest["latent"]["kind"] == "vq_indices" and manifest["latent"]["dtype"] == "uint16"
-    codebook = load_manifest_codebook(demo_summary["latents"])
-    urls = [str(Path(demo_summary["latents"]) / s["name"]) for s in manifest["shards"]]
+    directory = demo_summary["latents"]
+    manifest = load_manifest(directory)
+    latent = manifest.latent
+    assert latent.kind == "vq_indices" and latent.dtype == "uint16"
+    codebook = load_manifest_codebook(directory, manifest)
+    urls = [str(Path(directory) / s.name) for s in manifest_shards(directory, manifest)]
     keys = []
     for sample in wds.WebDataset(urls, shardshuffle=False).decode():
         indices = sample["indices.npy"]
-        assert indices.dtype == np.uint16 and list(indices.shape) == manifest["latent"]["shape"]
-        assert list(lookup_codebook(indices, codebook).shape) == manifest["latent"]["lookup_shape"]
+        assert indices.dtype == np.uint16 and list(indices.shape) == latent.shape
+        assert list(lookup_codebook(indices, codebook).shape) == latent.lookup_shape
         keys.append(sample["__key__"])
-    assert len(keys) == len(set(keys)) == manifest["samples"]
-    assert manifest["scaling_factor"] > 0
+    assert len(keys) == len(set(keys)) == manifest.samples
+    assert manifest.scaling_factor > 0

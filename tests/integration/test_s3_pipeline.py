@@ -26,7 +26,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_train_export_encode_on_s3(s3_server, sample_corpus):
     import s3fs
 
-    from pipeline.latents.format import iter_latents, load_manifest
+    from pipeline.contracts.manifest import load_manifest
+    from pipeline.contracts.sidecar import Sidecar
+    from pipeline.latents.format import iter_latents
 
     _, bucket = s3_server
     fs = s3fs.S3FileSystem()
@@ -51,14 +53,15 @@ def test_train_export_encode_on_s3(s3_server, sample_corpus):
 
     encoders = f"s3://{bucket}/encoders/tiny"
     _cli("export", f"checkpoint={checkpoint}", f"output={encoders}", "scale_samples=16")
-    sidecar = json.loads(fs.cat_file(f"{bucket}/encoders/tiny/encoder.json"))
-    assert sidecar["checkpoint"]["step"] == 4 and sidecar["latent_shape"] == [4, 8, 8]
+    where = f"{encoders}/encoder.json"
+    sidecar = Sidecar.from_dict(json.loads(fs.cat_file(where)), where)
+    assert sidecar.checkpoint["step"] == 4 and sidecar.latent_shape == [4, 8, 8]
 
     latents = f"s3://{bucket}/latents/train"
     _cli("encode", f"input={shards}", f"output={latents}", f"encoder={encoders}/encoder.onnx")
     manifest = load_manifest(latents)
     index = json.loads(fs.cat_file(f"{bucket}/shards/train/index.json"))
-    assert manifest["samples"] == index["samples"] and manifest["rejects"] == 0
-    assert manifest["encoder"]["sha256"] == sidecar["onnx_sha256"]
+    assert manifest.samples == index["samples"] and manifest.rejects == 0
+    assert manifest.encoder.sha256 == sidecar.onnx_sha256 and manifest.sidecar == sidecar
     keys = [key for key, latent, _ in iter_latents(latents)]
     assert len(keys) == len(set(keys)) == index["samples"]

@@ -106,8 +106,8 @@ def _schema_for(path: Path):
     from pipeline.demo import DemoConfig
     from pipeline.encode.job import EncodeConfig
     from pipeline.export import ExportConfig
-    from pipeline.latents.verify import VerifyConfig
     from pipeline.train.config import TrainRunConfig
+    from pipeline.verify import VerifyConfig
 
     return {
         "train": TrainRunConfig,

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.latents.dataset import LatentDataset
 from pipeline.latents.format import CorpusError, join_url, stored_values, write_bytes_atomic
-from tests.latent_corpus import Sample, random_samples, tamper, write_corpus
+from tests.latent_corpus import Corpus, Sample, random_samples, tamper, write_corpus
 
 SCALE, SHIFT = 0.5, 0.25
 
@@ -22,7 +22,7 @@ def memory_dir() -> str:
     return f"memory://latents-{uuid.uuid4().hex}"
 
 
-def two_unit_corpus(directory: str, per_unit: int = 5, **options) -> dict:
+def two_unit_corpus(directory: str, per_unit: int = 5, **options) -> Corpus:
     units = [random_samples(f"u{u}_", per_unit, seed=u) for u in range(2)]
     return write_corpus(directory, units, **options)
 
@@ -79,8 +79,8 @@ def test_vq_corpus_looks_up_the_codebook_or_yields_indices():
 
 def test_shards_selects_committed_shards_only():
     directory = memory_dir()
-    manifest = two_unit_corpus(directory)
-    second = manifest["shards"][1]["name"]
+    corpus = two_unit_corpus(directory)
+    second = corpus.shards[1].name
     assert set(keys_of(LatentDataset(directory, shards=[second]))) == {
         f"u1_{i:03d}" for i in range(5)
     }
@@ -93,8 +93,8 @@ def test_shards_selects_committed_shards_only():
 @pytest.mark.parametrize("change", ["flip", "truncate"])
 def test_tampered_shard_is_refused_before_any_of_its_samples(change):
     directory = memory_dir()
-    manifest = two_unit_corpus(directory)
-    url = join_url(directory, manifest["shards"][1]["name"])
+    corpus = two_unit_corpus(directory)
+    url = join_url(directory, corpus.shards[1].name)
     if change == "flip":
         tamper(url)
     else:
@@ -198,8 +198,8 @@ def test_batches_never_mix_latent_shapes(drop_last):
     directory = memory_dir()
     wide = [Sample(f"w{i}", np.zeros((4, 2, 3), np.float32), caption="w") for i in range(4)]
     tall = [Sample(f"t{i}", np.ones((4, 3, 2), np.float32), caption="t") for i in range(5)]
-    manifest = write_corpus(directory, [wide[:2] + tall[:3], wide[2:] + tall[3:]])
-    assert manifest["latent"]["shape"] is None and len(manifest["shards"]) == 4
+    corpus = write_corpus(directory, [wide[:2] + tall[:3], wide[2:] + tall[3:]])
+    assert corpus.manifest.latent.shape is None and len(corpus.shards) == 4
     batches = list(LatentDataset(directory, batch_size=3, drop_last=drop_last))
     for batch in batches:
         assert len({k[0] for k in batch["key"]}) == 1  # one shape per batch
@@ -210,7 +210,7 @@ def test_batches_never_mix_latent_shapes(drop_last):
 
 def test_importing_the_package_loads_neither_torch_nor_ray():
     code = (
-        "import sys, pipeline.latents, pipeline.latents.raydata, pipeline.latents.verify;"
+        "import sys, pipeline.latents, pipeline.latents.raydata, pipeline.verify;"
         "bad = [m for m in ('torch', 'ray') if m in sys.modules];"
         "assert not bad, bad"
     )
