@@ -54,9 +54,15 @@ def capacity_line() -> str:
     return f"nodes {nodes} alive, encoder actors {alive} alive" + (f", {others}" if others else "")
 
 
+def _fits(total: float, need: float) -> int:
+    # Ray accounts fractional resources in units of 1/10,000; float floor division would not
+    # (1.0 // 0.1 == 9.0).
+    return int(round(total * 10_000)) // int(round(need * 10_000))
+
+
 def actor_capacity(resources: dict[str, float], actor_cpus: float, actor_gpus: float) -> int:
     """How many encoder actors the cluster's (total) resources hold."""
-    fits = [int(resources.get("CPU", 0) // actor_cpus)] if actor_cpus > 0 else []
+    fits = [_fits(resources.get("CPU", 0), actor_cpus)] if actor_cpus > 0 else []
     if actor_gpus > 0:
-        fits.append(int(resources.get("GPU", 0) // actor_gpus))
+        fits.append(_fits(resources.get("GPU", 0), actor_gpus))
     return min(fits) if fits else 0

@@ -20,6 +20,7 @@ class Progress:
         self.done_units = 0
         self.rejects = 0
         self.start_done = 0
+        self.start_units = 0  # units committed by earlier runs (not this run's pace)
         self.every_s = every_s
         self.start = time.monotonic()
         self.last_log = self.start
@@ -31,6 +32,7 @@ class Progress:
         self.done += images
         self.start_done += images
         self.done_units += units
+        self.start_units += units
         self.rejects += rejects
 
     def unit_committed(self, rows: int, rejects: int) -> None:
@@ -73,6 +75,7 @@ class Progress:
         if self.total is not None:
             seconds = int(max(self.total - self.done, 0) / rate)
         else:  # no image count: extrapolate from the input shards committed in this run
-            done = self.done_units
-            seconds = int((self.units - done) * (time.monotonic() - self.start) / max(done, 1))
+            done = self.done_units - self.start_units
+            left = self.units - self.done_units
+            seconds = int(left * (time.monotonic() - self.start) / max(done, 1))
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -76,7 +76,8 @@ def _storable(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
     """``values`` as stored in ``dtype`` (float32 view), or NotStorable with the reason."""
     if not np.isfinite(values).all():
         raise NotStorable(f"encoder produced non-finite values ({what})", overflow=False)
-    stored = stored_values(values, dtype)
+    with np.errstate(over="ignore"):  # an overflowing cast is reported below, not warned about
+        stored = stored_values(values, dtype)
     if not np.isfinite(stored).all():
         peak = float(np.abs(values).max())
         raise NotStorable(
