@@ -1,21 +1,22 @@
-"""Encode building blocks without Ray: statistics, .npy and extras coding, manifest, read stage."""
+"""Encode building blocks without Ray: statistics, .npy coding, keys, config, manifest errors,
+and an input tar through reading, resolving and decoding."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.encode.config import EncodeConfig, StorageConfig, validate_config
+from pipeline.encode.inputs import key_problem, split_dotted_keys
 from pipeline.encode.job import expected_total
-from pipeline.encode.preprocess import PreprocessConfig
-from pipeline.encode.stages import decode_batch, key_problem, pack_extras, read_shard, unpack_extras
-from pipeline.encode.stats import ChannelStats
+from pipeline.encode.preprocess import PreprocessConfig, resolve_preprocess
+from pipeline.encode.resolve import read_rows, resolve_rows
+from pipeline.encode.unit import decoded_windows
 from pipeline.latents.format import (
     decode_latent,
     decode_npy,
@@ -25,6 +26,8 @@ from pipeline.latents.format import (
     load_manifest,
     to_bfloat16_bits,
 )
+from pipeline.latents.stats import ChannelStats, CodeUsage
+from tests.tarfiles import write_raw_tar
 
 
 def test_channel_stats_match_numpy_over_uneven_batches():
@@ -103,16 +106,7 @@ def test_latent_storage_round_trip(dtype):
     np.testing.assert_allclose(out, latent, rtol=tolerance, atol=tolerance)
 
 
-def test_extras_round_trip_binary():
-    files = {"json": b'{"a": 1}', "seg.png": bytes(range(256)), "txt": "é".encode()}
-    packed = pack_extras(files)
-    assert isinstance(packed, str)
-    assert unpack_extras(packed) == files
-
-
 def test_split_dotted_keys():
-    from pipeline.encode.stages import split_dotted_keys
-
     # img.001.jpg, img.001.txt, img.002.jpg: WebDataset's key "img" is really two dotted keys.
     files = {"001.jpg": b"a", "001.txt": b"b", "002.jpg": b"c"}
     assert split_dotted_keys("img", files) == [
@@ -143,7 +137,17 @@ def test_load_manifest_errors(tmp_path):
 def test_validate_config():
     ok = EncodeConfig(input="in", output="out", encoder="e.onnx")
     validate_config(ok)
-    for field, value in [("device", "tpu"), ("batch_size", 0), ("actor_cpus", 0)]:
+    for field, value in [
+        ("device", "tpu"),
+        ("batch_size", 0),
+        ("actor_cpus", 0),
+        ("min_actors", 2),  # more than num_actors
+        ("max_passes", 0),
+        ("overflow_stop_fraction", 0.0),
+        ("overflow_min_samples", 0),
+        ("stall_timeout_s", -1.0),
+        ("lease_ttl_s", 0.0),
+    ]:
         cfg = EncodeConfig(input="in", output="out", encoder="e.onnx", **{field: value})
         with pytest.raises(ValueError, match=field):
             validate_config(cfg)
@@ -164,9 +168,10 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-def test_read_and_decode_stages(tmp_path):
-    """Every tar group becomes a row (image-less ones too: the driver merges or rejects them),
-    then a trailer counting them; the decode stage rejects bad images with the reason."""
+def test_read_resolve_and_decode(tmp_path):
+    """Every tar group becomes a row (image-less ones too: resolve merges or rejects them);
+    unsafe and dotted keys are rejected by name before any decoding; decoding rejects bad
+    images with the reason and keeps the size conditioning of good ones."""
     members = [
         ("good.png", _png()),
         ("good.json", b"{}"),
@@ -177,33 +182,33 @@ def test_read_and_decode_stages(tmp_path):
         ("img.001.png", _png()),
     ]
     url = str(tmp_path / "s-000000.tar")
-    with tarfile.open(url, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    rows = list(read_shard({"unit": 3, "url": url}))
-    keys = ["good", "broken", "textonly", "../escape", "v1.2/dotted", "img.001", ""]
-    assert [r["key"] for r in rows] == keys
-    assert [r["seq"] for r in rows] == list(range(7)) and {r["unit"] for r in rows} == {3}
-    assert [r["end"] for r in rows] == [False] * 6 + [True]
-    by_key = {r["key"]: r for r in rows}
-    assert by_key["good"]["reject"] == "" and by_key["good"]["has_image"]
-    assert unpack_extras(by_key["good"]["extras"]) == {"json": b"{}"}
-    assert by_key["textonly"]["reject"] == "" and not by_key["textonly"]["has_image"]
-    assert "unsafe key" in by_key["../escape"]["reject"]
-    assert by_key["v1.2/dotted"]["reject"] == "" and by_key["v1.2/dotted"]["has_image"]
-    assert "dot" in by_key["img.001"]["reject"]  # "img.001.png": a key with a dot, named
-    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    batch["has_image"] = batch["has_image"].astype(bool)
-    out = decode_batch(
-        batch, preprocess=dataclasses.asdict(PreprocessConfig(resolution=4, bucket_area=16))
-    )
-    reasons = dict(zip(out["key"], out["reject"], strict=True))
-    assert reasons["good"] == "" and reasons["broken"].startswith("bad image")
-    good = np.frombuffer(out["pixels"][0], np.uint8).reshape(out["height"][0], out["width"][0], 3)
-    assert good.shape == (4, 4, 3) and good.max() > 0
-    assert (out["orig_h"][0], out["orig_w"][0]) == (6, 10)
+    write_raw_tar(url, members)
+    rows = read_rows(url)
+    keys = ["good", "broken", "textonly", "../escape", "v1.2/dotted", "img.001"]
+    assert [r.key for r in rows] == keys and [r.seq for r in rows] == list(range(6))
+    by_key = {r.key: r for r in rows}
+    assert by_key["good"].reject == "" and by_key["good"].image == _png()
+    assert by_key["good"].files == {"json": b"{}"}
+    assert by_key["textonly"].reject == "" and by_key["textonly"].image is None
+    assert "unsafe key" in by_key["../escape"].reject
+    assert by_key["v1.2/dotted"].reject == "" and by_key["v1.2/dotted"].image is not None
+    assert "dot" in by_key["img.001"].reject  # "img.001.png": a key with a dot, named
+
+    plan = resolve_rows(rows, url)
+    assert [c.key for c in plan.candidates] == ["good", "broken", "v1.2/dotted"]
+    assert sorted(r["key"] for _, r in plan.rejects) == ["../escape", "img.001", "textonly"]
+    cfg = resolve_preprocess(PreprocessConfig(resolution=4, bucket_area=16), 4, 2, True)
+    with ThreadPoolExecutor(2) as pool:
+        windows = list(decoded_windows(plan.candidates, cfg, pool, window=2))
+    assert [[item.candidate.key for item in w] for w in windows] == [
+        ["good", "broken"],
+        ["v1.2/dotted"],
+    ]
+    good, broken = windows[0]
+    assert good.reason == "" and broken.prepared is None
+    assert broken.reason.startswith("bad image")
+    assert good.prepared.pixels.shape == (4, 4, 3) and good.prepared.pixels.max() > 0
+    assert good.prepared.original_size == (6, 10)
 
 
 def test_expected_total_from_index(tmp_path):
@@ -253,8 +258,6 @@ def test_load_codebook_checks_hash_and_shape(tmp_path):
 
 
 def test_code_usage_summary():
-    from pipeline.encode.stats import CodeUsage
-
     usage = CodeUsage(8)
     assert usage.summary()["perplexity"] == 0.0
     usage.update(np.array([[0, 1], [2, 3]], dtype=np.uint16))
