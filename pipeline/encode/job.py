@@ -154,6 +154,19 @@ def expected_total(urls: list[str]) -> int | None:
     return total
 
 
+def _check_shared(urls: list[str], output: str) -> None:
+    """Inputs and output must be storage every Ray worker sees: workers read and write them."""
+    for url in (output, *urls[:1]):
+        fs, _ = fsspec.core.url_to_fs(url)
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if "memory" in protocols:
+            raise ValueError(
+                f"{url}: memory:// is private to one process, but the encode job's Ray workers "
+                "read the input shards and write the latent shards themselves; use a local path "
+                "every worker can see, or an object store (s3://, gs://)"
+            )
+
+
 def _prepare(cfg: EncodeConfig) -> Job:
     # Paths go to Ray workers, whose working directory is not ours.
     cfg = dataclasses.replace(
@@ -172,6 +185,7 @@ def _prepare(cfg: EncodeConfig) -> Job:
     )
     codebook = _load_codebook(cfg, sidecar)
     urls = _input_urls(cfg.input)
+    _check_shared(urls, cfg.output)
     identity = job_identity(cfg, sidecar, preprocess, urls)
     return Job(cfg, sidecar, preprocess, codebook, urls, identity)
 

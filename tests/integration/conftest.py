@@ -9,8 +9,11 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """Embedded Ray on 2 CPUs, quiet (no dashboard, no progress bars), shut down at the end."""
+def ray_local(s3_server):
+    """Embedded Ray on 2 CPUs, quiet (no dashboard, no progress bars), shut down at the end.
+
+    Started after the moto S3 server, so its workers inherit the endpoint and test credentials:
+    encode's workers read and write s3:// themselves."""
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

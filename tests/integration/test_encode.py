@@ -14,17 +14,11 @@ from PIL import Image
 
 from pipeline.data.images import decode_image, normalize, resize_center_crop
 from pipeline.data.tario import TarShardWriter, write_index
-from pipeline.encode import (
-    EncodeConfig,
-    EncodeConflictError,
-    StorageConfig,
-    encode_corpus,
-    iter_latents,
-    load_manifest,
-    read_rejects,
-)
+from pipeline.encode import EncodeConfig, EncodeConflictError, StorageConfig, encode_corpus
+from pipeline.encode.job import EncodeCapacityError
 from pipeline.encode.preprocess import PreprocessConfig
 from pipeline.encode.session import make_session
+from pipeline.latents import iter_latents, load_manifest, manifest_shards, read_rejects
 from pipeline.latents.format import SIZES_FIELD
 from tests.tarfiles import truncate_inside, write_raw_tar
 
@@ -122,32 +116,30 @@ def test_every_key_exactly_once(corpus, encoded):
 
 def test_manifest_counts_and_stats(encoded):
     manifest = load_manifest(encoded["dir"])
-    assert manifest == json.loads(json.dumps(encoded["manifest"]))
-    assert manifest["samples"] == 11 == sum(s["samples"] for s in manifest["shards"])
+    assert manifest == encoded["manifest"]
+    shards = manifest_shards(encoded["dir"], manifest)
+    assert manifest.samples == 11 == sum(s.samples for s in shards) and manifest.shard_count == 4
     # One shard per input shard; shard 2's only good sample besides the duplicate is good_2.
-    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 1, 2]
-    assert [s["source"].rsplit("/", 1)[1] for s in manifest["shards"]] == [
-        f"shard-00000{i}.tar" for i in range(4)
-    ]
-    assert all(
-        len(s["sha256"]) == 64 and s["latent_shape"] == [4, 8, 8] for s in manifest["shards"]
-    )
-    assert manifest["rejects"] == 5 and manifest["input_samples"] == 16
-    latent = manifest["latent"]
-    assert (latent["field"], latent["shape"], latent["dtype"], latent["kind"]) == (
+    assert [s.samples for s in shards] == [4, 4, 1, 2]
+    assert [s.source.rsplit("/", 1)[1] for s in shards] == [f"shard-00000{i}.tar" for i in range(4)]
+    assert all(len(s.sha256) == 64 and s.latent_shape == [4, 8, 8] for s in shards)
+    assert manifest.rejects == 5 and manifest.input_samples == 16
+    assert manifest.duplicate_rejects == 1 and manifest.nonfinite_rejects == 0
+    latent = manifest.latent
+    assert (latent.field, latent.shape, latent.dtype, latent.kind) == (
         "latent.npy",
         [4, 8, 8],
         "float16",
         "posterior_mean",
     )
-    assert manifest["preprocess"]["resolution"] == 16 and manifest["storage"]["dtype"] == "float16"
+    assert manifest.preprocess["resolution"] == 16 and manifest.storage["dtype"] == "float16"
     latents = np.stack([lat.astype(np.float64) for _, lat, _ in iter_latents(encoded["dir"])])
     assert latents.shape == (11, 4, 8, 8)
     # Statistics are taken on the stored (float16) values over the whole corpus.
-    np.testing.assert_allclose(manifest["channel_mean"], latents.mean(axis=(0, 2, 3)), atol=1e-9)
-    np.testing.assert_allclose(manifest["channel_std"], latents.std(axis=(0, 2, 3)), rtol=1e-9)
-    assert manifest["scaling_factor"] == pytest.approx(1 / latents.std(), rel=1e-9)
-    assert manifest["shift_factor"] == pytest.approx(latents.mean(), abs=1e-9)
+    np.testing.assert_allclose(manifest.channel_mean, latents.mean(axis=(0, 2, 3)), atol=1e-9)
+    np.testing.assert_allclose(manifest.channel_std, latents.std(axis=(0, 2, 3)), rtol=1e-9)
+    assert manifest.scaling_factor == pytest.approx(1 / latents.std(), rel=1e-9)
+    assert manifest.shift_factor == pytest.approx(latents.mean(), abs=1e-9)
     with open(os.path.join(encoded["dir"], "index.json")) as f:
         index = json.load(f)
     assert index["samples"] == 11
@@ -172,7 +164,8 @@ def test_latents_match_direct_onnx_and_extras_kept(corpus, encoded, tiny_encoder
 def test_read_back_with_webdataset(encoded):
     import webdataset as wds
 
-    urls = [os.path.join(encoded["dir"], s["name"]) for s in encoded["manifest"]["shards"]]
+    shards = manifest_shards(encoded["dir"], encoded["manifest"])
+    urls = [os.path.join(encoded["dir"], s.name) for s in shards]
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
     rows = list(ds)
     assert len(rows) == 11
@@ -184,7 +177,8 @@ def test_read_back_with_webdataset(encoded):
 def test_read_back_with_ray_data(ray_local, encoded):
     import ray
 
-    urls = [os.path.join(encoded["dir"], s["name"]) for s in encoded["manifest"]["shards"]]
+    shards = manifest_shards(encoded["dir"], encoded["manifest"])
+    urls = [os.path.join(encoded["dir"], s.name) for s in shards]
     rows = ray.data.read_webdataset(urls).take_all()
     assert sorted(r["__key__"] for r in rows) == sorted(
         k for k, _, _ in iter_latents(encoded["dir"])
@@ -192,18 +186,22 @@ def test_read_back_with_ray_data(ray_local, encoded):
     assert all(np.asarray(r["latent.npy"]).shape == (4, 8, 8) for r in rows)
 
 
-def test_rerun_of_finished_job_does_nothing(encoded, caplog):
-    before = {
-        n: os.path.getmtime(os.path.join(encoded["dir"], n)) for n in os.listdir(encoded["dir"])
+def _mtimes(directory: str) -> dict[str, float]:
+    # _encode/ holds the lease, which every run takes and releases: not corpus data.
+    return {
+        n: os.path.getmtime(os.path.join(directory, n))
+        for n in os.listdir(directory)
+        if n != "_encode"
     }
+
+
+def test_rerun_of_finished_job_does_nothing(encoded, caplog):
+    before = _mtimes(encoded["dir"])
     with caplog.at_level("INFO", logger="pipeline.encode.job"):
         manifest = encode_corpus(encoded["cfg"])
     assert "already complete" in caplog.text and "nothing to do" in caplog.text
     assert manifest == load_manifest(encoded["dir"])
-    after = {
-        n: os.path.getmtime(os.path.join(encoded["dir"], n)) for n in os.listdir(encoded["dir"])
-    }
-    assert after == before
+    assert _mtimes(encoded["dir"]) == before
 
 
 @pytest.mark.parametrize(
@@ -234,26 +232,26 @@ def test_missing_input_shard_fails_before_work(corpus, tiny_encoder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_float32_to_memory_fs_matches(ray_local, corpus, encoded, tiny_encoder):
-    """Second run: fsspec output, float32, one big shard, explicit shard list -> same latents."""
+def test_float32_to_object_store_matches(ray_local, corpus, encoded, tiny_encoder):
+    """Second run: S3 output, float32, explicit shard list -> the same latents."""
     shards = ",".join(os.path.join(corpus["dir"], f"shard-{i:06d}.tar") for i in range(4))
     cfg = EncodeConfig(
         input=shards,
-        output="memory://latents-f32",
+        output="s3://latentpipe-test/latents-f32",
         encoder=tiny_encoder,
         batch_size=3,
         storage=StorageConfig(dtype="float32"),
         threads_per_actor=1,
     )
     manifest = encode_corpus(cfg)
-    assert manifest["samples"] == 11 and manifest["rejects"] == 5
-    assert len(manifest["shards"]) == 4
+    assert manifest.samples == 11 and manifest.rejects == 5
+    assert manifest.shard_count == 4
     first = {k: lat for k, lat, _ in iter_latents(encoded["dir"])}
-    for key, latent, _ in iter_latents("memory://latents-f32"):
+    for key, latent, _ in iter_latents("s3://latentpipe-test/latents-f32"):
         assert latent.dtype == np.float32
         np.testing.assert_allclose(latent, first[key].astype(np.float32), atol=2e-3)
-    assert manifest["channel_mean"] == pytest.approx(encoded["manifest"]["channel_mean"], abs=1e-3)
-    rejects = [r["key"] for r in read_rejects("memory://latents-f32")]
+    assert manifest.channel_mean == pytest.approx(encoded["manifest"].channel_mean, abs=1e-3)
+    rejects = [r["key"] for r in read_rejects("s3://latentpipe-test/latents-f32")]
     assert sorted(rejects, key=str) == sorted(["s0_2", "s1_3", "bad key", "s0_1", "t_2"])
 
 
@@ -262,30 +260,39 @@ def test_object_store_resume_redoes_only_the_lost_unit(ray_local, corpus, tiny_e
     and the manifest, and the re-run rewrites that unit's shard with the same bytes."""
     import fsspec
 
-    fs = fsspec.filesystem("memory")
-    cfg = EncodeConfig(input=corpus["dir"], output="memory://resume-obj", encoder=tiny_encoder)
+    out = "s3://latentpipe-test/resume-obj"
+    fs, root = fsspec.core.url_to_fs(out)
+    cfg = EncodeConfig(input=corpus["dir"], output=out, encoder=tiny_encoder)
     first = encode_corpus(cfg)
-    shards = {s["name"]: fs.cat_file(f"/resume-obj/{s['name']}") for s in first["shards"]}
-    fs.rm("/resume-obj/manifest.json")
-    fs.rm("/resume-obj/_encode/commits/u000001.json")
-    fs.pipe_file("/resume-obj/latents-000001.tar", b"half a shard from a killed run")
+    entries = manifest_shards(out, first)
+    shards = {s.name: fs.cat_file(f"{root}/{s.name}") for s in entries}
+    fs.rm(f"{root}/manifest.json")
+    fs.rm(f"{root}/_encode/commits/u000001.json")
+    fs.pipe_file(f"{root}/latents-000001.tar", b"half a shard from a killed run")
     second = encode_corpus(dataclasses.replace(cfg, batch_size=5))
-    assert second["runs"] == 2 and second["shards"] == first["shards"]
+    assert second.runs == 2 and manifest_shards(out, second) == entries
     for name, data in shards.items():
-        assert fs.cat_file(f"/resume-obj/{name}") == data, name
+        assert fs.cat_file(f"{root}/{name}") == data, name
+
+
+def test_memory_filesystem_refused_with_the_reason(ray_local, corpus, tiny_encoder):
+    """memory:// lives in one process; the workers that write the corpus would not see it."""
+    cfg = EncodeConfig(input=corpus["dir"], output="memory://private", encoder=tiny_encoder)
+    with pytest.raises(ValueError, match="private to one process"):
+        encode_corpus(cfg)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"num_actors": 2}, "num_actors"), ({"device": "cuda"}, "GPU")],
+    [({"num_actors": 3, "min_actors": 3}, "min_actors=3"), ({"device": "cuda"}, "GPU")],
 )
 def test_unschedulable_config_fails_fast(
     ray_local, corpus, tiny_encoder, tmp_path, overrides, message
 ):
-    """Actors that leave no CPU for decoding (or need absent GPUs) raise instead of hanging."""
+    """More actors than embedded Ray holds (or absent GPUs) raise instead of hanging."""
     out = tmp_path / "out"
     cfg = EncodeConfig(input=corpus["dir"], output=str(out), encoder=tiny_encoder, **overrides)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(EncodeCapacityError, match=message):
         encode_corpus(cfg)
     assert not (out / "manifest.json").exists()
 
@@ -314,12 +321,12 @@ def test_vq_exactly_once_and_rejects_as_kl(corpus, encoded, vq_encoded):
 
 
 def test_vq_manifest_fields_and_stats_on_lookup(vq_encoded, tiny_vq_encoder):
-    from pipeline.encode import load_manifest_codebook, lookup_codebook
-    from pipeline.export import file_sha256, load_sidecar
+    from pipeline.contracts.sidecar import file_sha256, load_sidecar
+    from pipeline.latents import load_manifest_codebook, lookup_codebook
 
     manifest = load_manifest(vq_encoded["dir"])
     sidecar = load_sidecar(tiny_vq_encoder)
-    latent = manifest["latent"]
+    latent = manifest.latent.to_dict()
     assert {k: latent[k] for k in ("field", "shape", "dtype", "kind", "num_codes", "code_dim")} == {
         "field": "indices.npy",
         "shape": [8, 8],
@@ -329,30 +336,30 @@ def test_vq_manifest_fields_and_stats_on_lookup(vq_encoded, tiny_vq_encoder):
         "code_dim": 4,
     }
     assert latent["codebook_file"] == "codebook.npy"
-    assert latent["codebook_sha256"] == sidecar["codebook_sha256"]
+    assert latent["codebook_sha256"] == sidecar.vq.codebook_sha256
     # The corpus carries its own copy of the codebook, byte-identical to the encoder's.
     assert (
-        file_sha256(os.path.join(vq_encoded["dir"], "codebook.npy")) == sidecar["codebook_sha256"]
+        file_sha256(os.path.join(vq_encoded["dir"], "codebook.npy")) == sidecar.vq.codebook_sha256
     )
-    assert manifest["samples"] == 11 and manifest["rejects"] == 5
+    assert manifest.samples == 11 and manifest.rejects == 5
     codebook = load_manifest_codebook(vq_encoded["dir"])
     indices = np.stack([idx for _, idx, _ in iter_latents(vq_encoded["dir"])])
     assert indices.dtype == np.uint16 and indices.shape == (11, 8, 8)
     quantized = lookup_codebook(indices, codebook).astype(np.float64)
     assert quantized.shape == (11, 4, 8, 8)
-    np.testing.assert_allclose(manifest["channel_mean"], quantized.mean(axis=(0, 2, 3)), atol=1e-6)
-    np.testing.assert_allclose(manifest["channel_std"], quantized.std(axis=(0, 2, 3)), rtol=1e-6)
-    assert manifest["scaling_factor"] == pytest.approx(1 / quantized.std(), rel=1e-6)
-    assert manifest["shift_factor"] == pytest.approx(quantized.mean(), abs=1e-6)
+    np.testing.assert_allclose(manifest.channel_mean, quantized.mean(axis=(0, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(manifest.channel_std, quantized.std(axis=(0, 2, 3)), rtol=1e-6)
+    assert manifest.scaling_factor == pytest.approx(1 / quantized.std(), rel=1e-6)
+    assert manifest.shift_factor == pytest.approx(quantized.mean(), abs=1e-6)
     counts = np.bincount(indices.ravel(), minlength=64)
-    usage = manifest["code_usage"]
+    usage = manifest.code_usage
     assert usage["codes_used"] == int((counts > 0).sum()) and usage["indices"] == indices.size
     assert usage["usage"] == pytest.approx(usage["codes_used"] / 64)
     assert 1.0 <= usage["perplexity"] <= usage["codes_used"]
 
 
 def test_vq_lookup_equals_onnx_quantized(corpus, vq_encoded, tiny_vq_encoder):
-    from pipeline.encode import load_manifest_codebook, lookup_codebook
+    from pipeline.latents import load_manifest_codebook, lookup_codebook
 
     session = make_session(tiny_vq_encoder, "cpu")
     codebook = load_manifest_codebook(vq_encoded["dir"])
@@ -368,7 +375,8 @@ def test_vq_lookup_equals_onnx_quantized(corpus, vq_encoded, tiny_vq_encoder):
 def test_vq_indices_read_back_with_webdataset_as_uint16(vq_encoded):
     import webdataset as wds
 
-    urls = [os.path.join(vq_encoded["dir"], s["name"]) for s in vq_encoded["manifest"]["shards"]]
+    shards = manifest_shards(vq_encoded["dir"], vq_encoded["manifest"])
+    urls = [os.path.join(vq_encoded["dir"], s.name) for s in shards]
     rows = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
     assert len(rows) == 11
     stored = {k: idx for k, idx, _ in iter_latents(vq_encoded["dir"])}
@@ -379,7 +387,7 @@ def test_vq_indices_read_back_with_webdataset_as_uint16(vq_encoded):
 
 
 def test_vq_tampered_codebook_refused(corpus, tiny_vq_encoder, tmp_path):
-    from pipeline.export import SidecarError
+    from pipeline.contracts.sidecar import SidecarError
 
     enc = tmp_path / "enc"
     enc.mkdir()
@@ -396,15 +404,23 @@ def test_vq_tampered_codebook_refused(corpus, tiny_vq_encoder, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_progress_lines_name_done_total_rate_eta_rejects(ray_local, corpus, tiny_encoder, caplog):
+def test_progress_lines_name_done_total_rate_eta_rejects(
+    ray_local, corpus, tiny_encoder, caplog, tmp_path
+):
     cfg = EncodeConfig(
-        input=corpus["dir"], output="memory://progress", encoder=tiny_encoder, progress_every_s=1e-6
+        input=corpus["dir"],
+        output=str(tmp_path / "progress"),
+        encoder=tiny_encoder,
+        progress_every_s=1e-6,
     )
     with caplog.at_level("INFO", logger="pipeline.encode.job"):
         encode_corpus(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoded ")]
     assert len(lines) >= 2
     # index.json promises 17 samples; the truncated shard delivers 3 of its 4 (2 + 1 partial).
+    # The progress line also names the capacity: nodes and encoder actors alive.
     assert re.fullmatch(
-        r"encoded 16/17 images \([\d.]+ img/s, ETA \dh\d\dm\d\ds\), 5 rejected so far", lines[-1]
+        r"encoded 16/17 images \([\d.]+ img/s, ETA \dh\d\dm\d\ds\), 5 rejected so far; "
+        r"4/4 input shards committed; nodes 1 alive, encoder actors \d+ alive.*",
+        lines[-1],
     )
