@@ -28,7 +28,15 @@ import fsspec
 import numpy as np
 
 from pipeline.encode.session import EncoderRunner, make_session
-from pipeline.encode.unit import STATUS_ERROR, UnitSettings, UnitTask, encode_unit
+from pipeline.encode.unit import (
+    MAX_ATTEMPTS,
+    STATUS_ERROR,
+    STATUS_POISONED,
+    UnitSettings,
+    UnitTask,
+    count_attempt,
+    encode_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +185,10 @@ class UnitEncoder:
             run_start=float(batch["run_start"][i]),
         )
         try:
+            tries = count_attempt(self.settings.layout.output, task.unit)
+            if tries > MAX_ATTEMPTS:
+                message = f"crashed its encoder worker {tries - 1} times; skipped in this run"
+                return {"unit": task.unit, "status": STATUS_POISONED, "message": message}
             result = encode_unit(task, self.settings, self.encoder, self.codebook, self.pool)
         except Exception as e:  # noqa: BLE001 - the unit is retried; the driver names the error
             log.warning("unit %d (%s) failed on %s: %s", task.unit, task.url, self.where, e)

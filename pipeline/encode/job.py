@@ -19,6 +19,7 @@ finished corpus. A lease (pipeline.encode.lease) keeps a second job off the same
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -27,7 +28,6 @@ import queue
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +56,13 @@ from pipeline.encode.preprocess import resolve_preprocess
 from pipeline.encode.progress import Progress
 from pipeline.encode.session import gpu_visible
 from pipeline.encode.store import StoragePlan
-from pipeline.encode.unit import STATUS_OK, STATUS_OVERFLOW, UnitSettings
+from pipeline.encode.unit import (
+    ATTEMPTS_DIR,
+    STATUS_OK,
+    STATUS_OVERFLOW,
+    STATUS_POISONED,
+    UnitSettings,
+)
 from pipeline.encode.writer import ShardLayout
 from pipeline.latents.format import (
     INDICES_FIELD,
@@ -268,11 +274,15 @@ class Committed:
 def _listing(url: str) -> dict[str, int]:
     """name -> size of the files directly in ``url`` (one listing; empty if it does not exist)."""
     fs, path = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache(path)  # object stores cache listings; commits land while we run
+    # Object-store clients cache listings (sizes, ETags), but workers write here while we run:
+    # a stale cached ETag would make a later read of a rewritten object fail its precondition.
+    fs.invalidate_cache(path)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
+    finally:
+        fs.invalidate_cache(path)
     return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries}
 
 
@@ -366,38 +376,34 @@ def build_dataset(job: Job, units: list[int]):
     # One unit per block: units are the grain of scheduling, retry and load balance.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     most = min(cfg.num_actors, max(capacity, cfg.min_actors))
-    with warnings.catch_warnings():
-        # max_task_retries has no named parameter in Ray 2.60's map_batches: it can only travel
-        # as a (deprecated) remote arg.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(
-            UnitEncoder,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(
-                min_size=min(cfg.min_actors, most),
-                max_size=most,
-                initial_size=most,
-                # One unit running, one queued: no idle gap between units, and at most two
-                # units to redo when an actor is lost.
-                max_tasks_in_flight_per_actor=2,
-            ),
-            fn_constructor_kwargs={
-                "spec": _encoder_spec(job),
-                "options": _runtime_options(cfg),
-                "settings": _unit_settings(job),
-                "codebook": None if job.codebook is None else job.codebook[1],
-            },
-            num_cpus=cfg.actor_cpus,
-            num_gpus=gpus,
-            # A unit whose actor died fails its task instead of waiting for a restart that a
-            # lost node may never allow; the driver runs it again in the next pass (with
-            # max_errored_blocks below, the dataset goes on with the units that are left).
-            max_task_retries=0,
-        )
+    ds = ds.map_batches(
+        UnitEncoder,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=min(cfg.min_actors, most),
+            max_size=most,
+            initial_size=most,
+            # One unit running, one queued: no idle gap between units, and at most two units
+            # held by an actor that is lost.
+            max_tasks_in_flight_per_actor=2,
+        ),
+        fn_constructor_kwargs={
+            "spec": _encoder_spec(job),
+            "options": _runtime_options(cfg),
+            "settings": _unit_settings(job),
+            "codebook": None if job.codebook is None else job.codebook[1],
+        },
+        num_cpus=cfg.actor_cpus,
+        num_gpus=gpus,
+    )
+    # Ray Data's defaults for actors are what a lost node needs: the actor is restarted
+    # (elsewhere, or on a replacement node) and its units are retried there, while the other
+    # actors go on; units run twice at worst, and every write of a unit is idempotent.
     ds.context.enable_progress_bars = False  # our own progress lines replace Ray's bars
     ds.context.execution_options.preserve_order = False  # no head-of-line blocking
-    ds.context.max_errored_blocks = -1
+    if cfg.stall_timeout_s:
+        ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s
     return ds
 
 
@@ -477,6 +483,7 @@ class ResultStream:
 class PassState:
     pending: set[int]
     errors: dict[int, str] = field(default_factory=dict)
+    poisoned: dict[int, str] = field(default_factory=dict)  # crashed their worker repeatedly
     encoded: int = 0  # images that reached storage this run, and how many overflowed
     overflow: int = 0
     last_warn: float = 0.0
@@ -505,6 +512,10 @@ def _handle(row: dict[str, Any], job: Job, state: PassState, progress: Progress)
         _check_overflow(job.cfg, state)
     elif row["status"] == STATUS_OVERFLOW:
         raise EncodeOverflowError(f"input shard {job.urls[unit]}: {info['message']}")
+    elif row["status"] == STATUS_POISONED:
+        state.pending.discard(unit)
+        state.poisoned[unit] = info["message"]
+        log.error("input shard %s is skipped: %s", job.urls[unit], info["message"])
     else:
         state.errors[unit] = info.get("message", "unknown error")
         log.warning(
@@ -542,8 +553,20 @@ def _waiting_for(job: Job, state: PassState) -> str:
     )
 
 
+SYSTEM_ERRORS = ("RayActorError", "RaySystemError", "ExecutionTimeoutError", "ObjectLostError")
+
+
+def _is_system_error(error: BaseException) -> bool:
+    """A failure of the cluster (lost actor, node or object; no progress), not of our code."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & set(SYSTEM_ERRORS))
+
+
 def run_pass(job: Job, units: list[int], progress: Progress, lease: Lease) -> PassState:
-    """Encode ``units`` once through Ray Data; returns what is still pending afterwards."""
+    """Encode ``units`` once through Ray Data; returns what is still pending afterwards.
+
+    A failure of the cluster ends the pass (logged); the caller runs what is left again.
+    """
     state = PassState(pending=set(units))
     stream = ResultStream(build_dataset(job, units))
     while True:
@@ -551,23 +574,32 @@ def run_pass(job: Job, units: list[int], progress: Progress, lease: Lease) -> Pa
         if item is ResultStream.DONE:
             break
         if isinstance(item, BaseException):
-            raise item
+            if not _is_system_error(item):
+                raise item
+            log.warning("the pass was interrupted by the cluster: %s", str(item).splitlines()[0])
+            break
         if item is not None:
             _handle(item, job, state, progress)
         progress.maybe_log(capacity_line)
         _watch(job, state, progress)
         lease.check()
+    del stream
+    gc.collect()  # drop the pass's actor handles now, so the next pass gets their resources
     return state
 
 
 def run_passes(job: Job, pending: list[int], progress: Progress, lease: Lease) -> None:
     """Passes over the pending units until all are committed (bounded by max_passes)."""
+    poisoned: dict[int, str] = {}
+    errors: dict[int, str] = {}
     for attempt in range(1, job.cfg.max_passes + 1):
         state = run_pass(job, pending, progress, lease)
+        poisoned.update(state.poisoned)
+        errors.update(state.errors)
         done = committed_units(job.cfg.output)  # storage is the truth, not the result rows
-        pending = [u for u in pending if u not in done]
+        pending = [u for u in pending if u not in done and u not in poisoned]
         if not pending:
-            return
+            break
         log.warning(
             "pass %d left %d input shard(s) uncommitted (%s)%s",
             attempt,
@@ -575,14 +607,13 @@ def run_passes(job: Job, pending: list[int], progress: Progress, lease: Lease) -
             posixpath.basename(job.urls[pending[0]]),
             "; running them again" if attempt < job.cfg.max_passes else "",
         )
-    errors = "; ".join(
-        f"{job.urls[u]}: {state.errors[u]}" for u in pending[:3] if u in state.errors
-    )
-    raise EncodeIncompleteError(
-        f"{len(pending)} input shard(s) could not be encoded in {job.cfg.max_passes} pass(es)"
-        f"{': ' + errors if errors else ' (their workers were lost)'}. Committed work is kept: "
-        "re-run the same command to retry them"
-    )
+    failed = {u: errors.get(u, "its worker was lost") for u in pending} | poisoned
+    if failed:
+        named = "; ".join(f"{job.urls[u]}: {failed[u]}" for u in sorted(failed)[:3])
+        raise EncodeIncompleteError(
+            f"{len(failed)} input shard(s) could not be encoded ({named}). Committed work is "
+            "kept: re-run the same command to retry them"
+        )
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -632,6 +663,7 @@ def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) 
             _discard(cfg.output, unit)
         done.units -= done.deduplicated
     pending = [u for u in range(len(job.urls)) if u not in done.units]
+    _clear_attempts(cfg.output)  # every run gives every unit its full number of tries
     progress = Progress(expected_total(job.urls), len(job.urls), cfg.progress_every_s)
     progress.resumed(done.images, len(done.units), done.rejects)
     init_ray()
@@ -672,6 +704,13 @@ def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) 
         manifest.images_per_s or 0.0,
     )
     return manifest
+
+
+def _clear_attempts(output: str) -> None:
+    fs, path = fsspec.core.url_to_fs(join_url(output, ATTEMPTS_DIR))
+    names = _listing(join_url(output, ATTEMPTS_DIR))
+    for name in sorted(names):
+        fs.rm(f"{path}/{name}")
 
 
 def _units_with_samples(job: Job) -> list[int]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.contracts.layout import join_url, read_json
 from pipeline.data.fingerprint import fingerprint_of
 from pipeline.data.images import BadImageError
 from pipeline.encode.preprocess import Prepared, PreprocessConfig, prepare_image
@@ -32,12 +33,18 @@ from pipeline.encode.writer import (
     write_record,
     write_shards,
 )
+from pipeline.latents.format import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"  # the unit raised: not committed, retried in the next pass
 STATUS_OVERFLOW = "overflow"  # the encoder systematically overflows the storage dtype
+STATUS_POISONED = "poisoned"  # the unit crashed its worker MAX_ATTEMPTS times: skipped
+# Tries of one unit in one run. A unit whose input kills the worker process (a decoder crash,
+# the OOM killer) would otherwise restart its actor for ever; Ray retries such tasks itself.
+MAX_ATTEMPTS = 4
+ATTEMPTS_DIR = "_encode/attempts"
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,21 @@ def _store(
     shape = item.prepared.pixels.shape[:2]
     outcome.samples.append(FinishedSample(c.key, shape, stored.files, stored.values))
     outcome.replaced += int(stored.replaced)
+
+
+def attempts_url(output: str, unit: int) -> str:
+    return join_url(output, f"{ATTEMPTS_DIR}/u{unit:06d}.json")
+
+
+def count_attempt(output: str, unit: int) -> int:
+    """Record one more try of ``unit`` in this run; returns how many there have been."""
+    url = attempts_url(output, unit)
+    try:
+        tries = int(read_json(url)["tries"]) + 1
+    except (FileNotFoundError, KeyError, ValueError):
+        tries = 1
+    write_json_atomic(url, {"unit": unit, "tries": tries})
+    return tries
 
 
 def encode_unit(task: UnitTask, settings: UnitSettings, encoder, codebook, pool) -> dict[str, Any]:
