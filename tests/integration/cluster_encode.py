@@ -1,0 +1,132 @@
+"""Encode on a simulated multi-node Ray cluster while nodes vanish (run by test_encode_cluster.py).
+
+    python tests/integration/cluster_encode.py SCENARIO WORKDIR ENCODER
+
+A head without CPUs (the driver) and two worker nodes of one CPU each (one encoder actor
+each) run the same job twice: once undisturbed (the reference), once losing a worker node
+(SIGKILL) after the first unit commits. SCENARIO is
+  replace  the node comes back as a new node a few seconds later;
+  gone     it does not come back: the survivor finishes the job;
+  all      both worker nodes are lost for good: the stall watchdog must end the job.
+Writes WORKDIR/result.json. Runs in its own process: a Ray driver connects to one cluster only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+# Node death is noticed after ~2 s instead of Ray's default ~15 s.
+FAST_DETECTION = {
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 2,
+    "health_check_timeout_ms": 1000,
+}
+
+
+def corpus(root: str, units: int = 10, per_unit: int = 150) -> str:
+    from tests.latent_corpus import png_bytes, smooth_image, write_tar
+
+    os.makedirs(root, exist_ok=True)
+    for unit in range(units):
+        samples = [
+            (f"u{unit}_{i}", {"png": png_bytes(smooth_image(40, 48, unit * 1000 + i)), "txt": b"c"})
+            for i in range(per_unit)
+        ]
+        if unit == 3:
+            samples.append(("u0_1", samples[0][1]))  # a cross-shard duplicate
+        write_tar(os.path.join(root, f"shard-{unit:06d}.tar"), samples)
+    return root
+
+
+def corpus_bytes(out: str) -> dict[str, str]:
+    import hashlib
+
+    names = sorted(n for n in os.listdir(out) if n.endswith((".tar", ".jsonl")))
+    return {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest() for n in names}
+
+
+def encode_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    from pipeline.encode import encode_corpus
+
+    outcome: dict = {}
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            outcome["manifest"] = encode_corpus(cfg).samples
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            outcome["error"] = f"{type(e).__name__}: {e}"
+        outcome["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def wait_first_commit(out: str, thread: threading.Thread) -> None:
+    commits = os.path.join(out, "_encode", "commits")
+    while thread.is_alive() and not (os.path.isdir(commits) and os.listdir(commits)):
+        time.sleep(0.05)
+
+
+def main(scenario: str, workdir: str, encoder: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.encode import EncodeConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    images = corpus(os.path.join(workdir, "images"))
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "_system_config": FAST_DETECTION,
+        },
+    )
+    result: dict = {"scenario": scenario}
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        base = dict(input=images, encoder=encoder, num_actors=2, batch_size=16, progress_every_s=2)
+        reference = EncodeConfig(output=os.path.join(workdir, "reference"), **base)
+        thread, outcome = encode_in_thread(reference)
+        thread.join()
+        result["reference"] = outcome
+        out = os.path.join(workdir, "disturbed")
+        watchdog = {"stall_warn_s": 3.0, "stall_timeout_s": 20.0}
+        cfg = EncodeConfig(output=out, **base, **(watchdog if scenario == "all" else {}))
+        thread, outcome = encode_in_thread(cfg)
+        wait_first_commit(out, thread)
+        lost = workers if scenario == "all" else workers[:1]
+        for node in lost:
+            cluster.remove_node(node, allow_graceful=False)
+        result["killed_after_commits"] = len(os.listdir(os.path.join(out, "_encode", "commits")))
+        if scenario == "replace":
+            time.sleep(3)
+            cluster.add_node(num_cpus=1)  # must be called from the main thread
+        thread.join(timeout=240)
+        result["disturbed"] = outcome
+        result["finished"] = not thread.is_alive()
+        if "manifest" in result["reference"]:
+            result["reference_files"] = corpus_bytes(reference.output)
+        if "manifest" in outcome:
+            result["disturbed_files"] = corpus_bytes(out)
+    finally:
+        with open(os.path.join(workdir, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
