@@ -27,6 +27,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     log.info("starting embedded Ray (num_cpus=%s)", num_cpus or "all")
     context = ray.init(
+        # "local": always a new embedded instance, never a cluster that some `ray start` on
+        # this machine left recorded in /tmp/ray (joining is what RAY_ADDRESS is for).
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=True,  # also serves the state API Ray Train polls
         dashboard_host="127.0.0.1",

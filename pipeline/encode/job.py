@@ -679,6 +679,7 @@ def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) 
             cfg.num_actors,
         )
         run_passes(job, pending, progress, lease)
+        _clear_attempts(cfg.output)
         progress.log(capacity_line())
     total_keys = progress.done  # an upper bound on the keys stored: sizes the dedup partitions
     resolve_duplicates(_units_with_samples(job), total_keys, _rewrite_spec(job))

@@ -18,15 +18,9 @@ import pytest
 from PIL import Image
 
 from pipeline.data.tario import write_index
-from pipeline.encode import (
-    EncodeConfig,
-    PreprocessConfig,
-    StorageConfig,
-    encode_corpus,
-    iter_latents,
-    read_rejects,
-)
+from pipeline.encode import EncodeConfig, PreprocessConfig, StorageConfig, encode_corpus
 from pipeline.encode.session import make_session
+from pipeline.latents import iter_inputs, iter_latents, manifest_shards, read_rejects
 from pipeline.latents.format import SIZES_FIELD, STD_FIELD, decode_latent, iter_shard
 from tests.tarfiles import truncate_inside, write_raw_tar
 
@@ -174,10 +168,13 @@ def test_every_good_sample_once_every_bad_one_rejected_once(bad_corpus, bad_enco
     for key, fragment in bad_corpus["rejects"].items():
         assert fragment in reasons[key], (key, reasons[key])
     manifest = bad_encoded["manifest"]
-    assert manifest["samples"] == len(bad_corpus["good"])
-    assert manifest["rejects"] == len(bad_corpus["rejects"]) + 1
-    assert manifest["merged_keys"] == 1  # "split"
-    assert [u.rsplit("/", 1)[1] for u in manifest["empty_inputs"]] == [
+    assert manifest.samples == len(bad_corpus["good"])
+    assert manifest.rejects == len(bad_corpus["rejects"]) + 1
+    assert manifest.merged_keys == 1  # "split"
+    # Inputs that held no sample at all are counted, and named in the lineage.
+    assert manifest.empty_inputs == 2
+    lineage = iter_inputs(bad_encoded["dir"], manifest)
+    assert [i.url.rsplit("/", 1)[1] for i in lineage if i.rows == 0] == [
         "shard-000001.tar",
         "shard-000004.tar",
     ]
@@ -224,7 +221,7 @@ def test_small_image_policy_reject(ray_local, bad_corpus, tiny_encoder, tmp_path
     manifest = encode_corpus(cfg)
     reasons = {r["key"]: r["reason"] for r in read_rejects(out)}
     assert "smaller than" in reasons["small"]
-    assert manifest["samples"] == len(bad_corpus["good"]) - 1
+    assert manifest.samples == len(bad_corpus["good"]) - 1
 
 
 def test_resume_redoes_only_uncommitted_units_byte_identical(ray_local, bad_encoded, tmp_path):
@@ -241,16 +238,17 @@ def test_resume_redoes_only_uncommitted_units_byte_identical(ray_local, bad_enco
         f.write("stale\n")
     cfg = dataclasses.replace(bad_encoded["cfg"], output=copy, batch_size=2)
     manifest = encode_corpus(cfg)
-    assert manifest["runs"] == 2
-    for name in [s["name"] for s in manifest["shards"]] + ["rejects.jsonl", "index.json"]:
+    assert manifest.runs == 2
+    names = [s.name for s in manifest_shards(copy, manifest)]
+    for name in names + ["rejects.jsonl", "index.json", "shards.jsonl", "inputs.jsonl"]:
         with (
             open(os.path.join(copy, name), "rb") as a,
             open(os.path.join(bad_encoded["dir"], name), "rb") as b,
         ):
             assert a.read() == b.read(), name
     original = bad_encoded["manifest"]
-    for key in ("shards", "channel_mean", "channel_std", "scaling_factor", "shift_factor"):
-        assert manifest[key] == original[key], key
+    for key in ("shards_sha256", "channel_mean", "channel_std", "scaling_factor", "shift_factor"):
+        assert getattr(manifest, key) == getattr(original, key), key
 
 
 def test_sample_std_bfloat16_deterministic(ray_local, bad_corpus, tiny_encoder, tmp_path):
@@ -269,12 +267,9 @@ def test_sample_std_bfloat16_deterministic(ray_local, bad_corpus, tiny_encoder, 
         )
         runs.append((out, encode_corpus(cfg)))
     (first, manifest), (second, _) = runs
-    assert (
-        manifest["latent"]["kind"] == "posterior_sample"
-        and manifest["latent"]["std_field"] == STD_FIELD
-    )
-    assert manifest["latent"]["storage_dtype"] == "uint16"
-    for entry in manifest["shards"]:
+    assert manifest.latent.kind == "posterior_sample" and manifest.latent.std_field == STD_FIELD
+    assert manifest.latent.storage_dtype == "uint16"
+    for entry in manifest_shards(first, manifest):
         a = dict(iter_shard(first, entry))
         b = dict(iter_shard(second, entry))
         assert a == b
@@ -289,14 +284,14 @@ def test_sample_std_bfloat16_deterministic(ray_local, bad_corpus, tiny_encoder, 
     encode_corpus(mean_cfg)
     means = {key: lat for key, lat, _ in iter_latents(mean_out)}
     z_scores = []
-    for entry in manifest["shards"]:
+    for entry in manifest_shards(first, manifest):
         for key, files in iter_shard(first, entry):
             sample = decode_latent(files["latent.npy"], "bfloat16")
             std = decode_latent(files[STD_FIELD], "bfloat16")
             assert sample.shape == std.shape == (4, 8, 8) and (std > 0).all()
             z_scores.append(((sample - means[key]) / std).ravel())
     z = np.concatenate(z_scores)
-    assert len(z_scores) == manifest["samples"]
+    assert len(z_scores) == manifest.samples
     assert abs(z.mean()) < 0.1 and 0.85 < z.std() < 1.15
 
 
@@ -315,12 +310,12 @@ def test_buckets_group_shapes_and_record_sizes(ray_local, tiny_encoder, tmp_path
     manifest = encode_corpus(
         EncodeConfig(input=src, output=out, encoder=tiny_encoder, preprocess=pre)
     )
-    assert manifest["samples"] == 4 and manifest["latent"]["shape"] is None
+    assert manifest.samples == 4 and manifest.latent.shape is None
     by_key = {}
-    for entry in manifest["shards"]:
-        h, w = entry["bucket"]
-        assert entry["name"].endswith(f"-h{h}w{w}.tar")
-        assert entry["latent_shape"] == [4, h // 2, w // 2]
+    for entry in manifest_shards(out, manifest):
+        h, w = entry.bucket
+        assert entry.name.endswith(f"-h{h}w{w}.tar")
+        assert entry.latent_shape == [4, h // 2, w // 2]
         for key, files in iter_shard(out, entry):
             sizes = json.loads(files[SIZES_FIELD])
             assert sizes["target_size"] == [h, w]
@@ -336,14 +331,15 @@ def test_buckets_group_shapes_and_record_sizes(ray_local, tiny_encoder, tmp_path
 
 def test_readers_and_verify_on_the_real_output(bad_corpus, bad_encoded):
     """The diffusion-side readers accept the job's output, scale it, and refuse what they must."""
-    from pipeline.latents import CorpusError, LatentDataset, VerifyConfig, verify_corpus
+    from pipeline.latents import CorpusError, LatentDataset
+    from pipeline.verify import VerifyConfig, verify_corpus
 
     manifest = bad_encoded["manifest"]
     report = verify_corpus(VerifyConfig(output=bad_encoded["dir"]))
     assert report["ok"], report["errors"]
-    assert report["samples"] == manifest["samples"] and report["rejects"] == manifest["rejects"]
+    assert report["samples"] == manifest.samples and report["rejects"] == manifest.rejects
     dataset = LatentDataset(
-        bad_encoded["dir"], batch_size=4, expected_encoder_sha256=manifest["encoder"]["sha256"]
+        bad_encoded["dir"], batch_size=4, expected_encoder_sha256=manifest.encoder.sha256
     )
     batches = list(dataset)
     assert sorted(k for b in batches for k in b["key"]) == sorted(bad_corpus["good"])

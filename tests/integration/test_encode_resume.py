@@ -91,7 +91,8 @@ def test_killed_runs_resume_to_byte_identical_output(
     manifest = json.loads((output / "manifest.json").read_text())
     expected = json.loads((reference / "manifest.json").read_text())
     assert manifest["runs"] >= 2
-    for key in ("shards", "samples", "rejects", "channel_mean", "channel_std", "scaling_factor"):
+    keys = ("shards_sha256", "inputs_sha256", "samples", "rejects", "channel_mean", "channel_std")
+    for key in (*keys, "scaling_factor"):
         assert manifest[key] == expected[key], key
     assert _files(output) == _files(reference)
     assert [p.name for p in output.rglob(".*")] == []  # no temporary file left behind
