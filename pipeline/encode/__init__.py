@@ -14,13 +14,11 @@ _EXPORTS = {
     "PreprocessConfig": "pipeline.encode.preprocess",
     "EncodeConflictError": "pipeline.encode.identity",
     "encode_corpus": "pipeline.encode.job",
-    # Reading latents lives in pipeline.latents; re-exported for convenience.
-    "load_manifest": "pipeline.latents.format",
-    "iter_latents": "pipeline.latents.format",
-    "load_codebook": "pipeline.latents.format",
-    "load_manifest_codebook": "pipeline.latents.format",
-    "lookup_codebook": "pipeline.latents.format",
-    "read_rejects": "pipeline.latents.format",
+    "EncodeCapacityError": "pipeline.encode.job",
+    "EncodeIncompleteError": "pipeline.encode.job",
+    "EncodeOverflowError": "pipeline.encode.job",
+    "EncodeStalledError": "pipeline.encode.job",
+    "LeaseHeldError": "pipeline.encode.lease",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import ray
+
 log = logging.getLogger("pipeline.encode.job")
 
 # Ray Data names its actor-pool workers after this class (class_name "MapWorker(MapBatches(...))").
@@ -13,8 +15,6 @@ ACTOR_CLASS_MARK = "MapWorker"
 
 
 def alive_nodes() -> int:
-    import ray
-
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
@@ -24,8 +24,6 @@ def encoder_actors() -> Counter:
     Reads the GCS actor table, which works without the dashboard; an empty Counter if Ray's
     (private) accessor is unavailable in this Ray version.
     """
-    import ray
-
     try:
         from ray._private.state import state
 

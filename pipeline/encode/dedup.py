@@ -25,6 +25,8 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import ray.data
+from ray.data.context import ShuffleStrategy
 
 from pipeline.encode.writer import (
     FinishedSample,
@@ -159,9 +161,6 @@ def _delete_emptied(output: str, names: set[str]) -> None:
 
 def resolve_duplicates(units: list[int], total_keys: int, spec: RewriteSpec) -> int:
     """Reject, in every later unit, the keys an earlier unit holds; returns how many."""
-    import ray.data
-    from ray.data.context import ShuffleStrategy
-
     if len(units) < 2:
         return 0
     partitions = partitions_for(total_keys)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import ray
 
 from pipeline.contracts.layout import INPUTS_FILE, MANIFEST_FILE
 from pipeline.contracts.manifest import Manifest
@@ -74,6 +75,7 @@ from pipeline.latents.format import (
     read_hashed,
     read_json,
 )
+from pipeline.raysetup import init_ray
 
 __all__ = [
     "EncodeConfig",
@@ -367,8 +369,6 @@ def _finished_manifest(job: Job, fingerprints: dict[str, dict]) -> Manifest | No
 
 def build_dataset(job: Job, units: list[int]):
     """The lazy Ray Dataset of per-unit result rows for ``units``."""
-    import ray
-
     cfg = job.cfg
     gpus = _actor_gpus(cfg)
     capacity = wait_for_capacity(cfg, gpus)
@@ -408,8 +408,6 @@ def build_dataset(job: Job, units: list[int]):
 
 
 def _actor_gpus(cfg: EncodeConfig) -> float:
-    import ray
-
     if cfg.device == "cuda":
         return 1.0
     if cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1 and gpu_visible():
@@ -423,8 +421,6 @@ def wait_for_capacity(cfg: EncodeConfig, gpus: float) -> int:
     Embedded Ray (no RAY_ADDRESS) cannot grow: too little there fails at once. On a cluster an
     autoscaler may be adding nodes, so the job waits, saying for what, up to stall_timeout_s.
     """
-    import ray
-
     start = last_warn = time.monotonic()
     while True:
         capacity = actor_capacity(ray.cluster_resources(), cfg.actor_cpus, gpus)
@@ -443,8 +439,6 @@ def wait_for_capacity(cfg: EncodeConfig, gpus: float) -> int:
 
 
 def _no_capacity(cfg: EncodeConfig, gpus: float, capacity: int) -> str:
-    import ray
-
     have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     need = f"{cfg.actor_cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
     return (
@@ -542,8 +536,6 @@ def _watch(job: Job, state: PassState, progress: Progress) -> None:
 
 
 def _waiting_for(job: Job, state: PassState) -> str:
-    import ray
-
     pending = sorted(state.pending)
     named = ", ".join(posixpath.basename(job.urls[u]) for u in pending[:3])
     resources = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
@@ -654,8 +646,6 @@ def encode_corpus(cfg: EncodeConfig) -> Manifest:
 
 
 def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) -> Manifest:
-    from pipeline.raysetup import init_ray
-
     cfg = job.cfg
     done = scan_committed(job, fingerprints)
     if done.changed:  # a key that moved may free one that dedup took from a later unit
