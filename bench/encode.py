@@ -1,30 +1,33 @@
 """Encode throughput: is the encoder, not the pipeline around it, the limit of `encode_corpus`?
 
-    .venv/bin/python bench/encode.py --quick      # ~4 min: 8 kl-f8 images, 64 demo images
-    .venv/bin/python bench/encode.py              # full: every timed measurement >= ~30 s
-    .venv/bin/python bench/encode.py --quick --workloads demo --demo-images 16   # smoke
+    .venv/bin/python bench/encode.py --quick      # ~2.5 min: 8 kl-f8 images, 1,024 demo images
+    .venv/bin/python bench/encode.py              # full, ~7.5 min: 40 kl-f8, 16,384 demo images
+    .venv/bin/python bench/encode.py --workloads demo --profile   # + py-spy on one actor
 
 The same exported encoder and the same JPEGs, three ways, per workload:
   (a) ORT loop: `make_session(path, "cpu", threads)` exactly as the encode actors build it, run
-      on already decoded, resized and normalised float32 NCHW batches -- this machine's limit;
+      on already decoded, resized and normalised float32 NCHW batches -- this machine's limit
+      (and (a1): the same loop on one thread);
   (b) torch eager: `model.encode(x)` on the same batches (inference mode, `threads` threads);
-  (c) the job: `encode_corpus` from JPEG tar shards to committed latent shards, one encoder
-      actor (1 CPU, `threads` ORT threads) + 1 CPU of decode tasks, on embedded Ray started
-      once beforehand. Ray's start-up and one untimed 2-image warm-up job (the first job on a
-      fresh cluster waits for worker processes to import their libraries) are reported
-      separately; each timed job still starts its own actor and ORT session.
+  (c) the job: `encode_corpus` from JPEG tar shards (equal units) to committed latent shards,
+      laid out as SHAPES says (one actor per core, one ORT and one decode thread each), on
+      embedded Ray started once beforehand. Judged on its steady state: images committed after
+      each actor's first commit / time from that commit to the last (bench/jobwatch.py watches
+      the commit records); start-up (first commit) and the whole call are reported apart, and
+      so is the machine's CPU over the steady window (our actors, driver and Ray processes vs
+      everything else: the box is shared). Ray's start-up and one untimed 2-image warm-up job
+      are not in any timed figure; each timed job still starts its own actors and sessions.
 Workloads: SD's kl-f8 (configs/model/kl-f8.yaml) at 256 px, and the demo's encoder
 (configs/demo.yaml) at its own 64 px, where JPEG decoding competes for the same 2 cores.
 Weights are untrained (seeded): throughput does not depend on them.
 
 Images: random crops (320-512 px sides, seeded) of the photographs bundled with scikit-image
-and scikit-learn (`load_sample_photos`, nothing is downloaded), JPEG quality 90, in several
-tar shards. The single-threaded decode + resize + crop pass that prepares (a)'s batches is
-timed too: it bounds what the job's one decode CPU can feed the encoder. FLOPs per image come
-from torch's FlopCounterMode (convolutions, matmuls and attention; norms and activations are
-not counted); the peak is the best of several fp32 torch.matmul runs at the same thread count,
-before and after the rest. Markdown tables go to stdout, everything to the JSON file (default
-bench/results/encode[-quick].json).
+and scikit-learn (`load_sample_photos`, nothing is downloaded), JPEG quality 90, in equal tar
+shards. The single-threaded decode + resize + crop pass that prepares (a)'s batches is timed
+too. FLOPs per image come from torch's FlopCounterMode (convolutions, matmuls and attention;
+norms and activations are not counted); the "peak" is the best of several fp32 torch.matmul
+runs at the same thread count, before and after the rest. Markdown tables go to stdout,
+everything to the JSON file (default bench/results/encode[-quick].json).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class JobShape:
     actor_cpus: float
     threads_per_actor: int  # ORT intra-op threads per actor
     decode_threads: int  # image-decoding threads per actor
+    batch_size: int = 0  # the job's batch size if not the workload's (which (a) and (b) use)
 
 
 # kl-f8 at 256 px is ~270 GFLOP per image (1.4 s with ORT on 2 quiet cores): 40 images in 10
@@ -297,8 +301,11 @@ def time_job(
         input=str(shards),
         output=str(output),
         encoder=onnx_path,
-        batch_size=sizes.batch_size,
-        **asdict(shape),
+        batch_size=shape.batch_size or sizes.batch_size,
+        num_actors=shape.num_actors,
+        actor_cpus=shape.actor_cpus,
+        threads_per_actor=shape.threads_per_actor,
+        decode_threads=shape.decode_threads,
     )
     watch = JobWatch(
         output / "_encode" / "commits",
@@ -442,7 +449,8 @@ def markdown(result: dict) -> str:
             f"| {i['workload']} | {i['resolution']} | {i['sizes']['images']} "
             f"({i['sizes']['shards']}) | {i['sizes']['batch_size']} "
             f"| {shape['num_actors']} x ({shape['actor_cpus']:g} CPU, "
-            f"{shape['threads_per_actor']} ORT + {shape['decode_threads']} decode threads) "
+            f"{shape['threads_per_actor']} ORT + {shape['decode_threads']} decode threads"
+            f"{', batch ' + str(shape['batch_size']) if shape['batch_size'] else ''}) "
             f"| {i['flops_per_image'] / 1e9:.2f} | {before:.2f} / {after:.2f} "
             f"| {w['onnx_1thread']['images_per_s']:.2f} "
             f"| {b['images_per_s']:.2f} | {c['steady_images_per_s']:.2f} "
@@ -677,6 +685,7 @@ def job_shapes(args: argparse.Namespace) -> dict[str, JobShape]:
             actor_cpus=args.actor_cpus or default.actor_cpus,
             threads_per_actor=args.job_threads or default.threads_per_actor,
             decode_threads=args.decode_threads or default.decode_threads,
+            batch_size=args.job_batch_size,
         )
     return shapes
 
@@ -695,6 +704,7 @@ def main() -> None:
     parser.add_argument("--actor-cpus", type=float, default=0, help="(c) actor_cpus (0: SHAPES)")
     parser.add_argument("--job-threads", type=int, default=0, help="(c) threads_per_actor")
     parser.add_argument("--decode-threads", type=int, default=0, help="(c) decode_threads")
+    parser.add_argument("--job-batch-size", type=int, default=0, help="(c) only (0: same)")
     parser.add_argument("--profile", action="store_true", help="py-spy the actor in (c)")
     parser.add_argument("--workdir", default=None, help="keep shards/exports/latents here")
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """Driver cost of the encode job: does the driver's CPU and memory grow with the corpus?
 
-    .venv/bin/python bench/encode_scale.py --quick    # smoke: 2,000 and 8,000 images (~2 min)
+    .venv/bin/python bench/encode_scale.py --quick    # smoke: 2,000 and 8,000 images (~3 min)
     .venv/bin/python bench/encode_scale.py            # 20,000 and 80,000 images (~10 min)
+    .venv/bin/python bench/encode_scale.py --parts units,finalize   # some of the parts
 
 Three measurements, each in a fresh Python process (a subprocess per run), so that
 ``getrusage(RUSAGE_SELF)`` and the peak RSS are the driver's alone (Ray's raylet, GCS and worker
@@ -10,8 +11,9 @@ processes are other processes):
 1. **job**: ``encode_corpus`` over a corpus of tiny images at two sizes, on embedded Ray
    (``ray.init(address="local", num_cpus=2, include_dashboard=False)``), with the demo encoder:
    an untrained model of ``configs/model/kl-f4-tiny.yaml``'s architecture exported at 64 px
-   with ``export_model`` (as tests/integration/conftest.py exports its tiny encoder), the
-   job's default config (batch size 32, one actor). Driver CPU = user + sys of the driver
+   with ``export_model`` (as tests/integration/conftest.py exports its tiny encoder), batch
+   size 32 (the default), in two layouts (CONFIGS): the config's defaults (one actor) and one
+   actor per core with one ORT thread each. Driver CPU = user + sys of the driver
    process over the ``encode_corpus`` call; peak RSS = ``ru_maxrss``, against the RSS right
    after ``ray.init``. The marginal CPU per 1,000 images is the difference between the two sizes
    divided by the difference in images: the fixed costs (pipeline start, dedup job, finalise)
@@ -20,10 +22,14 @@ processes are other processes):
    ``map_batches(trivial actor, batch_size=1, ActorPoolStrategy)`` -> driver), once as fast as it
    goes and once paced (the actor sleeps per unit so the pipeline lasts as long as the job's
    steady state): Ray Data's own bookkeeping per unit and per second of wall time.
-3. **finalise**: synthetic commit records (1,000 keys, 3 rejects, one shard entry and a real
+3. **units**: the job over 200 and 1,000 input shards of 10 images each, timing the driver's
+   CPU and RSS around each of its steps (encode passes, duplicate-key pass, finalise): the
+   driver's cost per unit, which 1,000-image units hide.
+4. **finalise**: synthetic commit records (1,000 keys, 3 rejects, one shard entry and a real
    statistics state each) in a local directory; ``pipeline.encode.finalize.finalize`` over
-   20,000 of them and over 5,000: time, tracemalloc peak and RSS growth, to show that
-   finalising holds a bounded window of records, not the corpus.
+   20,000 of them and over 5,000: time and RSS growth (one pass), tracemalloc's peak (a second
+   pass: tracemalloc slows allocations several-fold), to show that finalising holds a bounded
+   window of records, not the corpus.
 
 Images: seeded random 64x64 crops of the photographs bundled with scikit-image and scikit-learn
 (``load_sample_photos``, as ``source=sample`` uses; nothing is downloaded), JPEG quality 90,
@@ -59,11 +65,12 @@ PER_SHARD = 1000
 JPEG_QUALITY = 90
 RAY_CPUS = 2
 MODES = {
-    "quick": {"sizes": (2_000, 8_000), "records": (1_000, 4_000)},
-    "full": {"sizes": (20_000, 80_000), "records": (5_000, 20_000)},
+    "quick": {"sizes": (2_000, 8_000), "records": (1_000, 4_000), "units": (50, 200)},
+    "full": {"sizes": (20_000, 80_000), "records": (5_000, 20_000), "units": (200, 1_000)},
 }
 # A realistic commit record: the job's own fields (pipeline/encode/unit.py), keys like a
 # web corpus's, a few rejects.
+UNIT_IMAGES = 10  # the "units" part: many small input shards, to see the driver's cost per unit
 RECORD_KEYS = 1000
 RECORD_REJECTS = 3
 
@@ -151,25 +158,29 @@ def start_ray() -> None:
     )
 
 
-def shard_urls(images: int) -> str:
-    """The brace pattern of the first ``images // PER_SHARD`` cached input shards."""
-    last = images // PER_SHARD - 1
-    return str(CACHE / "tiles" / f"shard-{{000000..{last:06d}}}.tar")
+def corpus_dir(per_shard: int) -> Path:
+    return CACHE / ("tiles" if per_shard == PER_SHARD else f"tiles-{per_shard}")
+
+
+def shard_urls(images: int, per_shard: int = PER_SHARD) -> str:
+    """The brace pattern of the first ``images // per_shard`` cached input shards."""
+    last = images // per_shard - 1
+    return str(corpus_dir(per_shard) / f"shard-{{000000..{last:06d}}}.tar")
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def build_corpus(images: int) -> Path:
-    """``images`` seeded 64x64 JPEG crops of the bundled photos in shards of PER_SHARD, written
-    once: a marker file records how many exist, and a larger request extends the corpus."""
+def build_corpus(images: int, per_shard: int = PER_SHARD) -> Path:
+    """``images`` seeded 64x64 JPEG crops of the bundled photos in shards of ``per_shard``,
+    written once: a marker file records how many exist, and a larger request extends it."""
     import numpy as np
     from PIL import Image
 
     from pipeline.data.shards import load_sample_photos
     from pipeline.data.tario import build_tar
 
-    directory = CACHE / "tiles"
+    directory = corpus_dir(per_shard)
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / "corpus.json"
     have = json.loads(marker.read_text())["images"] if marker.exists() else 0
@@ -178,11 +189,13 @@ def build_corpus(images: int) -> Path:
     photos = load_sample_photos()
     names = sorted(photos)
     started = time.perf_counter()
-    for shard in range(have // PER_SHARD, images // PER_SHARD):
-        rng = np.random.default_rng([SEED, shard])  # each shard on its own: extendable
+    for shard in range(have // per_shard, images // per_shard):
+        # Each shard seeded alone, so the corpus can be extended.
+        seed = [SEED, shard] if per_shard == PER_SHARD else [SEED, per_shard, shard]
+        rng = np.random.default_rng(seed)
         samples = []
-        for j in range(PER_SHARD):
-            i = shard * PER_SHARD + j
+        for j in range(per_shard):
+            i = shard * per_shard + j
             name = names[i % len(names)]
             photo = photos[name]
             top = int(rng.integers(0, photo.shape[0] - TILE + 1))
@@ -194,7 +207,7 @@ def build_corpus(images: int) -> Path:
         path = directory / f"shard-{shard:06d}.tar"
         path.with_suffix(".tmp").write_bytes(build_tar(samples))
         path.with_suffix(".tmp").rename(path)
-    marker.write_text(json.dumps({"images": images, "per_shard": PER_SHARD}) + "\n")
+    marker.write_text(json.dumps({"images": images, "per_shard": per_shard}) + "\n")
     print(f"corpus: {images} tiles in {time.perf_counter() - started:.1f} s", flush=True)
     return directory
 
@@ -227,10 +240,42 @@ def build_encoder() -> str:
 # ----------------------------------------------------------------------------- children
 
 
+def watch_phases(module, names: tuple[str, ...]) -> list[dict]:
+    """Wrap ``module``'s functions ``names`` (where present) to record the driver's time, CPU
+    and RSS around each call: which step of the job costs what."""
+    phases: list[dict] = []
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            rss0, cpu0, t0 = rss_bytes(), cpu_seconds(), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases.append(
+                    {
+                        "step": name,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "driver_cpu_s": round(cpu_seconds() - cpu0, 3),
+                        "rss_before_mib": round(rss0 / 2**20, 1),
+                        "rss_after_mib": round(rss_bytes() / 2**20, 1),
+                        "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+                    }
+                )
+
+        return timed
+
+    for name in names:
+        if hasattr(module, name):
+            setattr(module, name, wrap(name, getattr(module, name)))
+    return phases
+
+
 def child_job(args: dict) -> dict:
-    """One encode_corpus run; the driver's CPU and memory around it."""
+    """One encode_corpus run; the driver's CPU and memory around it (and around its steps)."""
+    import pipeline.encode.job as job_module
     from pipeline.encode.job import EncodeConfig, encode_corpus
 
+    phases = watch_phases(job_module, ("run_passes", "resolve_duplicates", "finalize"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     rss_imported = rss_bytes()
     start_ray()
@@ -268,6 +313,7 @@ def child_job(args: dict) -> dict:
         "driver_cpu_s_per_1000": round(cpu / images * 1000, 4),
         "driver_cores": round(cpu / seconds, 4),  # driver CPU per second of the job
         "driver_threads_cpu_s": threads,
+        "steps": phases,
         "rss_imported_mib": round(rss_imported / 2**20, 1),
         "rss_after_ray_init_mib": round(rss_ray / 2**20, 1),
         "rss_end_mib": round(rss_end / 2**20, 1),
@@ -546,6 +592,23 @@ def summary(result: dict) -> str:
             )
         for name, m in result["floor_marginal"].items():
             lines.append(f"floor marginal ({name}): {m:.4f} core-s per unit (1,000 images)")
+    if "units" in result:
+        u = result["units"]
+        lines.append(
+            f"\n| small units ({u['unit_images']} images each) | job s | driver CPU s | peak RSS MiB | steps: s / CPU s / RSS before -> after MiB |"
+        )
+        lines.append("|---|---|---|---|---|")
+        for j in u["runs"]:
+            steps = "; ".join(
+                f"{s['step']} {s['seconds']:.1f} / {s['driver_cpu_s']:.2f} / "
+                f"{s['rss_before_mib']:.0f} -> {s['rss_after_mib']:.0f}"
+                for s in j["steps"]
+            )
+            lines.append(
+                f"| {j['units']} units | {j['seconds']:.1f} | {j['driver_cpu_s']:.2f} "
+                f"| {j['peak_rss_mib']:.0f} | {steps} |"
+            )
+        lines.append(f"per unit: {json.dumps(u['per_unit'])}")
     if "finalize" in result:
         lines.append(
             "\n| finalise | records | keys | s | records/s | tracemalloc peak MiB "
@@ -593,6 +656,59 @@ def run_jobs(result: dict, sizes: tuple[int, ...], configs: list[str], encoder: 
             "runs": runs,
             "marginal": marginal(*runs, "images"),
         }
+
+
+def run_units(result: dict, counts: tuple[int, ...], encoder: str) -> None:
+    """The job over many small units (UNIT_IMAGES images each): the driver's cost per unit,
+    step by step (encode passes, duplicate-key pass, finalise)."""
+    build_corpus(max(counts) * UNIT_IMAGES, UNIT_IMAGES)
+    runs = []
+    for units in counts:
+        images = units * UNIT_IMAGES
+        print(f"units: {units} units of {UNIT_IMAGES} images ...", flush=True)
+        row = run_child(
+            "job",
+            f"units-{units}",
+            images=images,
+            input=shard_urls(images, UNIT_IMAGES),
+            output=str(WORK / f"out-units-{units}"),
+            encoder=encoder,
+            overrides=CONFIGS["per-core"],
+        )
+        runs.append(row)
+        print(json.dumps(row), flush=True)
+    small, large = runs
+    extra = large["units"] - small["units"]
+    steps = {}
+    for a, b in zip(small["steps"], large["steps"], strict=True):
+        steps[a["step"]] = {
+            "driver_cpu_ms_per_unit": round(
+                (b["driver_cpu_s"] - a["driver_cpu_s"]) / extra * 1e3, 3
+            ),
+            "rss_growth_kib_per_unit": round(
+                (
+                    (b["rss_after_mib"] - b["rss_before_mib"])
+                    - (a["rss_after_mib"] - a["rss_before_mib"])
+                )
+                * 1024
+                / extra,
+                2,
+            ),
+        }
+    result["units"] = {
+        "unit_images": UNIT_IMAGES,
+        "config": CONFIGS["per-core"],
+        "runs": runs,
+        "per_unit": {
+            "driver_cpu_ms": round(
+                (large["driver_cpu_s"] - small["driver_cpu_s"]) / extra * 1e3, 3
+            ),
+            "peak_rss_kib": round(
+                (large["peak_rss_mib"] - small["peak_rss_mib"]) * 1024 / extra, 2
+            ),
+            "steps": steps,
+        },
+    }
 
 
 def run_floor(result: dict, sizes: tuple[int, ...], pace: float) -> None:
@@ -649,6 +765,8 @@ def run(mode: str, parts: list[str], configs: list[str], pace: float) -> dict:
         run_jobs(result, sizes, configs, encoder)
     if "floor" in parts:
         run_floor(result, sizes, pace)
+    if "units" in parts:
+        run_units(result, MODES[mode]["units"], encoder)
     if "finalize" in parts:
         run_finalize(result, records, encoder)
     result["machine"]["loadavg_end"] = loadavg()
@@ -662,7 +780,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,000 and 8,000 images")
-    parser.add_argument("--parts", default="job,floor,finalize", help="comma list")
+    parser.add_argument(
+        "--parts", default="job,floor,units,finalize", help="comma list of job,floor,units,finalize"
+    )
     parser.add_argument("--configs", default="default,per-core", help="comma list of CONFIGS")
     parser.add_argument(
         "--pace", type=float, default=0.0, help="floor's s per unit (0: the job's steady rate)"

@@ -91,7 +91,7 @@ def classify(pid: str, cmd: str, ours: set[str]) -> str:
     process on the machine, e.g. another user's tests or Ray cluster)."""
     if int(pid) == os.getpid():
         return "driver"
-    if pid not in ours:
+    if pid not in ours or "py-spy" in cmd:  # --profile's sampler is not the job's
         return "other"
     return "actor" if cmd.startswith(ACTOR_MARK) else "ray"
 
