@@ -12,8 +12,9 @@ processes are other processes):
    (``ray.init(address="local", num_cpus=2, include_dashboard=False)``), with the demo encoder:
    an untrained model of ``configs/model/kl-f4-tiny.yaml``'s architecture exported at 64 px
    with ``export_model`` (as tests/integration/conftest.py exports its tiny encoder), batch
-   size 32 (the default), in two layouts (CONFIGS): the config's defaults (one actor) and one
-   actor per core with one ORT thread each. Driver CPU = user + sys of the driver
+   size 32 (the default), in two layouts (CONFIGS): one actor with 2 ORT threads (the defaults
+   until issue 8) and one actor per core with one ORT thread each (what today's defaults
+   resolve to on 2 CPUs). Driver CPU = user + sys of the driver
    process over the ``encode_corpus`` call; peak RSS = ``ru_maxrss``, against the RSS right
    after ``ray.init``. The marginal CPU per 1,000 images is the difference between the two sizes
    divided by the difference in images: the fixed costs (pipeline start, dedup job, finalise)
@@ -628,7 +629,9 @@ def summary(result: dict) -> str:
 # count), and one actor per core with one ORT thread each (what bench/encode.py finds fastest
 # for small encoders on this machine).
 CONFIGS = {
-    "default": {},
+    # The defaults before issue 8's last change: one actor, ORT's own thread count (2 here).
+    "one-actor": {"num_actors": 1, "actor_cpus": 1.0, "threads_per_actor": 2, "decode_threads": 1},
+    # What the defaults (num_actors=0, threads_per_actor=0) resolve to on 2 CPUs, spelled out.
     "per-core": {"num_actors": 2, "actor_cpus": 1.0, "threads_per_actor": 1, "decode_threads": 1},
 }
 
@@ -783,7 +786,7 @@ def main() -> None:
     parser.add_argument(
         "--parts", default="job,floor,units,finalize", help="comma list of job,floor,units,finalize"
     )
-    parser.add_argument("--configs", default="default,per-core", help="comma list of CONFIGS")
+    parser.add_argument("--configs", default="one-actor,per-core", help="comma list of CONFIGS")
     parser.add_argument(
         "--pace", type=float, default=0.0, help="floor's s per unit (0: the job's steady rate)"
     )

@@ -35,11 +35,13 @@ class EncodeConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     batch_size: int = 32  # images per ONNX Runtime call
-    num_actors: int = 1  # most encoder actors (one ONNX session each; one GPU each on GPU nodes)
+    # Most encoder actors (one ONNX session each; one GPU each on GPU nodes); 0 = as many as the
+    # cluster holds when a pass starts (one per actor_cpus CPUs, or per GPU), at most one per unit.
+    num_actors: int = 0
     min_actors: int = 1  # fewest actors the job runs with when capacity is lost (<= num_actors)
     actor_cpus: float = 1.0  # CPUs Ray reserves per encoder actor (its decode threads run there)
     decode_threads: int = 0  # image-decoding threads per actor, 0 = max(1, actor_cpus)
-    threads_per_actor: int = 0  # ONNX intra-op threads per actor, 0 = onnxruntime's default
+    threads_per_actor: int = 0  # ONNX intra-op threads per actor, 0 = max(1, actor_cpus)
     device: str = "auto"  # auto | cpu | cuda (cuda fails loudly if the CUDA provider cannot load)
     fp16_model: bool = False  # CUDA only: run a float16 copy of the encoder (changes the latents)
     io_binding: bool = True  # CUDA only: bind inputs/outputs instead of per-call copies
@@ -58,6 +60,16 @@ def decode_threads(cfg: EncodeConfig) -> int:
     return cfg.decode_threads or max(1, int(cfg.actor_cpus))
 
 
+def ort_threads(cfg: EncodeConfig) -> int:
+    """ONNX Runtime intra-op threads per actor: the configured count, else one per reserved CPU.
+
+    Not ORT's own default (one per core of the machine): several actors per node would each
+    start that many threads and fight over the cores (on 2 cores, one actor per core with one
+    thread each measured faster than one actor with two; docs/benchmarks.md).
+    """
+    return cfg.threads_per_actor or max(1, int(cfg.actor_cpus))
+
+
 def validate_config(cfg: EncodeConfig) -> None:
     """Raise ValueError naming the offending field for values the job cannot run with."""
     storage = cfg.storage
@@ -73,10 +85,14 @@ def validate_config(cfg: EncodeConfig) -> None:
         raise ValueError(f"encode.device must be one of {list(DEVICES)}, got {cfg.device!r}")
     if cfg.fp16_model and cfg.device == "cpu":
         raise ValueError("encode.fp16_model needs the CUDA execution provider (encode.device=cpu)")
-    for name in ("batch_size", "num_actors", "min_actors", "max_passes", "overflow_min_samples"):
+    for name in ("batch_size", "min_actors", "max_passes", "overflow_min_samples"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"encode.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.min_actors > cfg.num_actors:
+    if cfg.num_actors < 0:
+        raise ValueError(
+            f"encode.num_actors must be >= 0 (0 = as many as fit), got {cfg.num_actors}"
+        )
+    if cfg.num_actors and cfg.min_actors > cfg.num_actors:
         raise ValueError(
             f"encode.min_actors ({cfg.min_actors}) must be <= encode.num_actors ({cfg.num_actors})"
         )

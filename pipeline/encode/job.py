@@ -105,10 +105,10 @@ def _encode_and_finalize(job: Job, fingerprints: dict[str, dict], lease: Lease) 
                 "resuming: %d of %d input shards already committed", len(done.units), len(job.urls)
             )
         log.info(
-            "encoding %d input shard(s) from %s with up to %d actor(s)",
+            "encoding %d input shard(s) from %s with %s",
             len(pending),
             cfg.input,
-            cfg.num_actors,
+            f"up to {cfg.num_actors} actor(s)" if cfg.num_actors else "as many actors as fit",
         )
         run_passes(job, pending, progress, lease)
         clear_attempts(cfg.output)

@@ -61,13 +61,13 @@ def build_dataset(job: Job, units: list[int]):
     items = [{"unit": u, "url": job.urls[u], "run": job.run, "run_start": job.start} for u in units]
     # One unit per block: units are the grain of scheduling, retry and load balance.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    most = min(cfg.num_actors, max(capacity, cfg.min_actors))
+    fewest, most = pool_bounds(cfg, capacity, len(units))
     ds = ds.map_batches(
         UnitEncoder,
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            min_size=min(cfg.min_actors, most),
+            min_size=fewest,
             max_size=most,
             initial_size=most,
             # One unit running, one queued: no idle gap between units, and at most two units
@@ -91,6 +91,14 @@ def build_dataset(job: Job, units: list[int]):
     if cfg.stall_timeout_s:
         ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s
     return ds
+
+
+def pool_bounds(cfg: EncodeConfig, capacity: int, units: int) -> tuple[int, int]:
+    """(fewest, most) encoder actors for a pass over ``units`` when the cluster holds
+    ``capacity``: num_actors (0 = capacity), never more than there are units to own."""
+    most = min(cfg.num_actors or capacity, max(capacity, cfg.min_actors), units)
+    most = max(most, 1)
+    return min(cfg.min_actors, most), most
 
 
 def _actor_gpus(cfg: EncodeConfig) -> float:

@@ -15,7 +15,7 @@ import fsspec
 from pipeline.contracts.sidecar import Sidecar, load_sidecar
 from pipeline.data.urls import absolute_spec, expand_shard_urls
 from pipeline.encode.actor import EncoderSpec, RuntimeOptions
-from pipeline.encode.config import EncodeConfig, decode_threads, validate_config
+from pipeline.encode.config import EncodeConfig, decode_threads, ort_threads, validate_config
 from pipeline.encode.dedup import RewriteSpec
 from pipeline.encode.finalize import latent_spec, stats_channels
 from pipeline.encode.identity import job_identity
@@ -173,7 +173,7 @@ def encoder_spec(job: Job) -> EncoderSpec:
 def runtime_options(cfg: EncodeConfig) -> RuntimeOptions:
     return RuntimeOptions(
         device=cfg.device,
-        threads=cfg.threads_per_actor,
+        threads=ort_threads(cfg),
         fp16=cfg.fp16_model,
         io_binding=cfg.io_binding,
         need_std=cfg.storage.store_std or cfg.storage.latent == "sample",

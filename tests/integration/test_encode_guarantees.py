@@ -65,7 +65,7 @@ def corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference(ray_local, corpus, tiny_encoder, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("reference"))
-    cfg = EncodeConfig(input=corpus, output=out, encoder=tiny_encoder, batch_size=4)
+    cfg = EncodeConfig(input=corpus, output=out, encoder=tiny_encoder, batch_size=4, num_actors=1)
     manifest = encode_corpus(cfg)
     return {"cfg": cfg, "manifest": manifest, "files": _corpus_bytes(out), "dir": out}
 

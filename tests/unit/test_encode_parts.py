@@ -3,6 +3,7 @@ and an input tar through reading, resolving and decoding."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from PIL import Image
 from pipeline.encode.config import EncodeConfig, StorageConfig, validate_config
 from pipeline.encode.inputs import key_problem, split_dotted_keys
 from pipeline.encode.job import expected_total
+from pipeline.encode.passes import pool_bounds
 from pipeline.encode.preprocess import PreprocessConfig, resolve_preprocess
 from pipeline.encode.resolve import read_rows, resolve_rows
 from pipeline.encode.unit import decoded_windows
@@ -141,7 +143,7 @@ def test_validate_config():
         ("device", "tpu"),
         ("batch_size", 0),
         ("actor_cpus", 0),
-        ("min_actors", 2),  # more than num_actors
+        ("num_actors", -1),
         ("max_passes", 0),
         ("overflow_stop_fraction", 0.0),
         ("overflow_min_samples", 0),
@@ -151,6 +153,14 @@ def test_validate_config():
         cfg = EncodeConfig(input="in", output="out", encoder="e.onnx", **{field: value})
         with pytest.raises(ValueError, match=field):
             validate_config(cfg)
+    more_than_most = EncodeConfig(
+        input="in", output="out", encoder="e.onnx", num_actors=1, min_actors=2
+    )
+    with pytest.raises(ValueError, match="min_actors"):
+        validate_config(more_than_most)
+    validate_config(
+        EncodeConfig(input="in", output="out", encoder="e.onnx", min_actors=2)
+    )  # 0 = auto
     for field, value in [("dtype", "int8"), ("latent", "mode")]:
         storage = StorageConfig(**{field: value})
         cfg = EncodeConfig(input="in", output="out", encoder="e.onnx", storage=storage)
@@ -265,3 +275,14 @@ def test_code_usage_summary():
     summary = usage.summary()
     assert summary["codes_used"] == 4 and summary["usage"] == 0.5 and summary["indices"] == 4
     assert summary["perplexity"] == pytest.approx(4.0)  # uniform over 4 codes
+
+
+def test_pool_bounds():
+    """0 actors = what the cluster holds; never more actors than units, never fewer than one."""
+    auto = EncodeConfig(input="in", output="out", encoder="e.onnx")
+    assert pool_bounds(auto, capacity=8, units=100) == (1, 8)
+    assert pool_bounds(auto, capacity=8, units=3) == (1, 3)
+    fixed = dataclasses.replace(auto, num_actors=4, min_actors=2)
+    assert pool_bounds(fixed, capacity=8, units=100) == (2, 4)
+    assert pool_bounds(fixed, capacity=2, units=100) == (2, 2)
+    assert pool_bounds(fixed, capacity=8, units=1) == (1, 1)
