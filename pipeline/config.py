@@ -8,8 +8,6 @@ line naming the key and where it came from, before any Ray or training work star
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -149,13 +147,3 @@ def _suggest(base: DictConfig, err: OmegaConfBaseException) -> str:
 
 def _one_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def dataclass_fields(schema: type) -> list[str]:
-    """Names of a dataclass's fields, for docs and error messages."""
-    return [f.name for f in dataclasses.fields(schema)]
-
-
-def repo_configs_dir() -> Path:
-    """`configs/` of a source checkout (used by the demo for its default YAML)."""
-    return Path(__file__).resolve().parent.parent / "configs"

@@ -70,15 +70,6 @@ def output_names(model: nn.Module) -> tuple[str, ...]:
     return VQ_OUTPUT_NAMES if is_vq(model) else OUTPUT_NAMES
 
 
-def check_size(height: int, width: int, factor: int) -> None:
-    """Raise ValueError unless both sides are positive multiples of the downsample factor."""
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise ValueError(
-            f"image size {height}x{width} must be positive multiples of the downsample factor "
-            f"{factor}"
-        )
-
-
 def graph_dims(names: list[str], outputs: tuple[torch.Tensor, ...]) -> dict[str, Dims]:
     """Each output's ONNX shape: 4-D latents [batch, C, lh, lw], 3-D indices [batch, lh, lw].
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+import ml_dtypes  # bfloat16 for numpy: onnx already depends on it
 import numpy as np
 
 from pipeline.contracts.layout import (  # noqa: F401  (re-exported: the corpus's names)
@@ -84,17 +85,12 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even like torch does."""
-    f = np.ascontiguousarray(x, dtype=np.float32)
-    u = f.view(np.uint32)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    bits = rounded.astype(np.uint16)
-    bits[np.isnan(f)] = 0x7FC0  # a quiet NaN (the rounding could carry into the sign bit)
-    return bits
+    return np.ascontiguousarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32 (exact)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.ascontiguousarray(bits, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def encode_latent(array: np.ndarray, dtype: str) -> bytes:

@@ -128,3 +128,17 @@ def test_every_shipped_yaml_matches_its_schema(path):
     schema = _schema_for(path)
     merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
     assert merged is not None
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("*/default.yaml")), ids=lambda p: p.parent.name
+)
+def test_default_yaml_equals_the_dataclass_defaults(path):
+    """A default.yaml is the dataclass's defaults written out: every value, not just every key
+    (required fields stay ``???``)."""
+    from omegaconf import OmegaConf
+
+    schema = _schema_for(path)
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    shipped = OmegaConf.to_container(OmegaConf.load(path))
+    assert shipped == defaults
