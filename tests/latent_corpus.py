@@ -34,7 +34,6 @@ from pipeline.contracts.layout import (
     VQ_KIND,
     commit_url,
     join_url,
-    shard_name,
     storage_dtype,
 )
 from pipeline.contracts.manifest import (
@@ -47,6 +46,8 @@ from pipeline.contracts.manifest import (
 )
 from pipeline.contracts.sidecar import Sidecar, build_sidecar
 from pipeline.data.fingerprint import fingerprint_of
+from pipeline.data.tario import build_tar
+from pipeline.encode.writer import FinishedSample, ShardLayout, group_by_shape, write_shards
 from pipeline.latents.format import (
     encode_latent,
     encode_npy,
@@ -75,7 +76,14 @@ class Sample:
 
 
 def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """An uncompressed tar of (key, {ext: bytes}) in the given order (keys may repeat)."""
+    """An uncompressed tar of (key, {ext: bytes}) in the given order (keys may repeat), built by
+    the very function the encode job writes its shards with."""
+    return build_tar(samples)
+
+
+def raw_tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """An uncompressed tar of whatever members it is given, including what the writer refuses
+    (bad extensions, unsafe keys): input shards for bad-input tests are built with it."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for key, files in samples:
@@ -87,7 +95,8 @@ def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def write_tar(url: str, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    write_bytes_atomic(url, tar_bytes(samples))
+    """An input (image) shard as given: see :func:`raw_tar_bytes`."""
+    write_bytes_atomic(url, raw_tar_bytes(samples))
     return url
 
 
@@ -304,28 +313,28 @@ def rewrite_shard(directory: str, corpus: Corpus, position: int, samples: list[S
 
 
 def _write_unit(directory, prefix, unit, source, samples, kind, dtype, bucketed) -> list:
-    by_shape: dict[tuple[int, ...], list[Sample]] = {}
-    for sample in samples:
-        by_shape.setdefault(tuple(sample.latent.shape), []).append(sample)
-    entries = []
-    for shape, group in sorted(by_shape.items()):
-        bucket = [shape[-2] * DOWNSAMPLE, shape[-1] * DOWNSAMPLE] if bucketed else None
-        name = shard_name(prefix, unit, tuple(bucket) if bucket else None)
-        data = tar_bytes([(s.key, sample_files(s, kind, dtype)) for s in group])
-        write_bytes_atomic(join_url(directory, name), data)
-        entries.append(
-            ShardEntry(
-                name=name,
-                samples=len(group),
-                bytes=len(data),
-                sha256=sha256_bytes(data),
-                unit=unit,
-                source=source,
-                bucket=bucket,
-                latent_shape=list(shape),
-            )
+    """A unit's shards, written by the encode job's own writer (one shard per latent shape)."""
+    latent_channels = 0 if kind == VQ_KIND else int(samples[0].latent.shape[0]) if samples else 0
+    layout = ShardLayout(
+        output=directory,
+        prefix=prefix,
+        buckets=bucketed,
+        channels=latent_channels,
+        factor=DOWNSAMPLE,
+        latent_channels=latent_channels,
+        vq=kind == VQ_KIND,
+    )
+    finished = [
+        FinishedSample(
+            key=s.key,
+            shape=(s.latent.shape[-2] * DOWNSAMPLE, s.latent.shape[-1] * DOWNSAMPLE),
+            files=sample_files(s, kind, dtype),
+            values=s.latent,
         )
-    return entries
+        for s in samples
+    ]
+    entries = write_shards(layout, unit, source, group_by_shape(finished))
+    return [ShardEntry(**entry) for entry in entries]
 
 
 def _write_rejects(directory: str, rejects: list[dict]) -> None:
