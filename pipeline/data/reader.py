@@ -1,12 +1,9 @@
 """Read image shards for training and evaluation.
 
-`ShardImageDataset` splits the shard list across (rank, dataloader worker) slots so that no two
-slots ever see the same sample and, together, they see all of them:
-
-* at least as many shards as slots: each slot reads ``urls[slot::n_slots]`` (the shard order is
-  reshuffled identically on every slot each epoch);
-* fewer shards than slots: every slot reads every shard and keeps the samples whose running
-  index ``% n_slots == slot``.
+`ShardImageDataset` splits the shard list across (rank, dataloader worker) slots with
+`pipeline.data.split` (the rule `LatentDataset` uses too): no two slots ever see the same sample
+and, together, they see all of them; the shard order is reshuffled identically on every slot
+each epoch.
 
 Samples are shuffled in a bounded buffer, then decoded and preprocessed to float32 [3, R, R]
 tensors in [-1, 1]. Bad images and truncated shards are logged, counted and skipped.
@@ -22,7 +19,7 @@ from itertools import count
 import numpy as np
 import torch
 from omegaconf import MISSING
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.images import (
     BadImageError,
@@ -31,6 +28,7 @@ from pipeline.data.images import (
     normalize,
     resize_center_crop,
 )
+from pipeline.data.split import Slot, every_nth, reader_slot, shard_order, shards_of, whole_shards
 from pipeline.data.tario import TarSample, TruncatedShardError, iter_tar_samples
 from pipeline.data.urls import expand_shard_urls
 
@@ -53,12 +51,6 @@ class DataConfig:
         "signed"  # "signed" = [-1, 1] (autoencoders), "unit" = [0, 1] (Bernoulli VAEs)
     )
     label_field: str = ""  # e.g. "cls": yield (image, label) pairs for conditional models
-
-
-def _slot() -> tuple[int, int]:
-    """(worker id, number of dataloader workers) of the calling process."""
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -153,29 +145,26 @@ class ShardImageDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        worker_id, num_workers = _slot()
-        slot, n_slots = self.rank * num_workers + worker_id, self.world_size * num_workers
+        slot = reader_slot(self.rank, self.world_size)
         epochs = count(self.epoch) if self.repeat else [self.epoch]
         for epoch in epochs:
             produced = 0
-            for tensor in self._iter_epoch(epoch, slot, n_slots):
+            for tensor in self._iter_epoch(epoch, slot):
                 produced += 1
                 yield tensor
             if self.repeat and produced == 0:
                 raise RuntimeError(
-                    f"data slot {slot}/{n_slots} got no usable images from {len(self.urls)} "
-                    "shard(s); add data or use fewer ranks/workers"
+                    f"data slot {slot.index}/{slot.count} got no usable images from "
+                    f"{len(self.urls)} shard(s); add data or use fewer ranks/workers"
                 )
 
-    def _iter_epoch(self, epoch: int, slot: int, n_slots: int) -> Iterator[torch.Tensor]:
-        # Same permutation on every slot (seeded by seed+epoch only), so slices never overlap.
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-        urls = [self.urls[i] for i in order]
-        if len(urls) >= n_slots:
-            samples = self._iter_samples(urls[slot::n_slots])
+    def _iter_epoch(self, epoch: int, slot: Slot) -> Iterator[torch.Tensor]:
+        order = shard_order(len(self.urls), self.seed, epoch)
+        if whole_shards(len(order), slot):
+            samples = self._iter_samples([self.urls[i] for i in shards_of(order, slot)])
         else:
-            samples = (s for i, s in enumerate(self._iter_samples(urls)) if i % n_slots == slot)
-        rng = np.random.default_rng([self.seed, epoch, slot])
+            samples = every_nth(self._iter_samples([self.urls[i] for i in order]), slot)
+        rng = np.random.default_rng([self.seed, epoch, slot.index])
         for sample in shuffled(samples, self.shuffle_buffer, rng):
             tensor = self._decode(sample)
             if tensor is not None:

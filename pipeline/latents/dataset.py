@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from pipeline.contracts.manifest import Manifest, ShardEntry, load_manifest, manifest_shards
+from pipeline.data.split import Slot, first_kept, reader_slot, shard_order, shards_of, whole_shards
 from pipeline.latents.format import (
     VQ_OUTPUTS,
     decode_sample,
@@ -95,41 +96,29 @@ class LatentDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, total = self._global_worker()
-        samples = self._iter_samples(worker, total)
+        samples = self._iter_samples(reader_slot(self.rank, self.world_size))
         return self._batches(samples) if self.batch_size else samples
 
     # ------------------------------------------------------------------------- splitting
 
-    def _global_worker(self) -> tuple[int, int]:
-        """(index, count) of this DataLoader worker among all workers of all ranks."""
-        info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * num_workers + worker_id, self.world_size * num_workers
-
-    def _by_shards(self, total: int) -> bool:
+    def _by_shards(self, slot: Slot) -> bool:
         if self.split == "shards":
-            _check_enough_shards(len(self.entries), total, "global workers")
+            _check_enough_shards(len(self.entries), slot.count, "global workers")
             return True
-        return self.split == "auto" and len(self.entries) >= total
+        return self.split == "auto" and whole_shards(len(self.entries), slot)
 
-    def _shard_order(self) -> list[int]:
-        # Every worker computes the same permutation: they must agree on who reads what.
-        positions = np.arange(len(self.entries))
-        if self.shuffle:
-            positions = np.random.default_rng([self.seed, self.epoch]).permutation(positions)
-        return [int(p) for p in positions]
-
-    def _iter_samples(self, worker: int, total: int) -> Iterator[dict[str, Any]]:
-        order = self._shard_order()
-        by_shards = self._by_shards(total)
-        first_index = 0  # global index of the shard's first sample, in this epoch's order
-        for position in order[worker::total] if by_shards else order:
+    def _iter_samples(self, slot: Slot) -> Iterator[dict[str, Any]]:
+        # The split of pipeline.data.split, as the image reader's; every slot reads whole
+        # shards (checked against the manifest) and, when shards are shared, keeps every
+        # slot.count-th sample of the running index.
+        order = shard_order(len(self.entries), self.seed, self.epoch, self.shuffle)
+        by_shards = self._by_shards(slot)
+        first_index = 0  # running index of the shard's first sample, in this epoch's order
+        for position in shards_of(order, slot) if by_shards else order:
             entry = self.entries[position]
             samples = read_shard(self.directory, entry)
             if not by_shards:
-                start = (worker - first_index) % total
-                samples = samples[start::total]
+                samples = samples[first_kept(first_index, slot) :: slot.count]
                 first_index += entry.samples
             for key, files in self._shuffled(samples, position):
                 yield self._to_torch(key, files, entry)
