@@ -3,26 +3,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from omegaconf import MISSING
 
 from pipeline.encode.preprocess import PreprocessConfig
-from pipeline.latents.format import STORED_DTYPES
 
-DEVICES = ("auto", "cpu", "cuda")
-LATENT_MODES = ("mean", "sample")
+
+class StorageDtype(StrEnum):
+    """How KL latents are stored (VQ always stores the sidecar's index dtype)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class LatentMode(StrEnum):
+    mean = "mean"  # the posterior mean
+    sample = "sample"  # one draw per key, seeded by (sample_seed, key)
+
+
+class Device(StrEnum):
+    auto = "auto"  # CUDA when a GPU is visible, else CPU
+    cpu = "cpu"
+    cuda = "cuda"  # fails loudly if the CUDA provider cannot load
 
 
 @dataclass
 class StorageConfig:
     """What each latent sample stores. Part of the job's identity: changing it needs a new output."""
 
-    dtype: str = (
-        "float16"  # float16 | bfloat16 | float32 (VQ always stores the sidecar's index dtype)
-    )
-    latent: str = "mean"  # mean | sample: the posterior mean, or one draw seeded per key
+    dtype: StorageDtype = StorageDtype.float16
+    latent: LatentMode = LatentMode.mean
     store_std: bool = False  # also store the posterior std (std.npy) for later resampling
     sample_seed: int = 0  # latent=sample: the draw for key k depends only on (sample_seed, k)
+
+    def __post_init__(self) -> None:
+        # Choices are Enums: a bad value fails at config load (OmegaConf names the key) or here.
+        self.dtype = StorageDtype(self.dtype)
+        self.latent = LatentMode(self.latent)
 
 
 @dataclass
@@ -42,7 +61,7 @@ class EncodeConfig:
     actor_cpus: float = 1.0  # CPUs Ray reserves per encoder actor (its decode threads run there)
     decode_threads: int = 0  # image-decoding threads per actor, 0 = max(1, actor_cpus)
     threads_per_actor: int = 0  # ONNX intra-op threads per actor, 0 = max(1, actor_cpus)
-    device: str = "auto"  # auto | cpu | cuda (cuda fails loudly if the CUDA provider cannot load)
+    device: Device = Device.auto
     fp16_model: bool = False  # CUDA only: run a float16 copy of the encoder (changes the latents)
     io_binding: bool = True  # CUDA only: bind inputs/outputs instead of per-call copies
     prefix: str = "latents"  # output shard names: {prefix}-{input shard index}[-h{H}w{W}].tar
@@ -53,6 +72,9 @@ class EncodeConfig:
     overflow_stop_fraction: float = 0.5  # stop when this share of encoded images overflow dtype
     overflow_min_samples: int = 16  # ... among at least this many images (of a unit or the job)
     lease_ttl_s: float = 120.0  # the output's lease expires this long after its last renewal
+
+    def __post_init__(self) -> None:
+        self.device = Device(self.device)
 
 
 def decode_threads(cfg: EncodeConfig) -> int:
@@ -72,17 +94,6 @@ def ort_threads(cfg: EncodeConfig) -> int:
 
 def validate_config(cfg: EncodeConfig) -> None:
     """Raise ValueError naming the offending field for values the job cannot run with."""
-    storage = cfg.storage
-    if storage.dtype not in STORED_DTYPES:
-        raise ValueError(
-            f"encode.storage.dtype must be one of {list(STORED_DTYPES)}, got {storage.dtype!r}"
-        )
-    if storage.latent not in LATENT_MODES:
-        raise ValueError(
-            f"encode.storage.latent must be one of {list(LATENT_MODES)}, got {storage.latent!r}"
-        )
-    if cfg.device not in DEVICES:
-        raise ValueError(f"encode.device must be one of {list(DEVICES)}, got {cfg.device!r}")
     if cfg.fp16_model and cfg.device == "cpu":
         raise ValueError("encode.fp16_model needs the CUDA execution provider (encode.device=cpu)")
     for name in ("batch_size", "min_actors", "max_passes", "overflow_min_samples"):

@@ -17,6 +17,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -41,8 +42,17 @@ from pipeline.data.images import (
     to_rgb,
 )
 
-MODES = ("center_crop", "buckets")
-SMALL_IMAGE_POLICIES = ("upscale", "reject")
+
+class PreprocessMode(StrEnum):
+    center_crop = "center_crop"  # one square side (resolution) for every image
+    buckets = "buckets"  # aspect-ratio buckets of ~equal pixel area
+
+
+class SmallImages(StrEnum):
+    upscale = "upscale"
+    reject = "reject"
+
+
 # PIL plugins allowed to parse untrusted bytes: the photo formats of real corpora (JPEG includes
 # MPO). Everything else (EPS would start Ghostscript, plus many rarely fuzzed parsers) is rejected
 # before it is parsed. Filtered so a PIL built without e.g. libwebp still opens the rest.
@@ -56,14 +66,19 @@ _REDUCING_GAP = 3.0
 
 @dataclass
 class PreprocessConfig:
-    mode: str = "center_crop"  # center_crop | buckets
+    mode: PreprocessMode = PreprocessMode.center_crop
     resolution: int = 0  # center_crop: output side; 0 = the encoder's native resolution
     bucket_area: int = 0  # buckets: target pixel area; 0 = resolution**2 (resolved)
     bucket_step: int = 64  # bucket sides are multiples of this
     bucket_max_aspect: float = 2.0  # max long/short side ratio of a bucket
-    small_images: str = "upscale"  # upscale | reject: images that would need upscaling
+    small_images: SmallImages = SmallImages.upscale  # images that would need upscaling
     max_pixels: int = 64_000_000  # decompression-bomb guard, checked from the header
     jpeg_draft: bool = True  # decode big JPEGs at 1/2, 1/4, 1/8 scale (never below the target)
+
+    def __post_init__(self) -> None:
+        # Choices are Enums: a bad value fails at config load (OmegaConf names the key) or here.
+        self.mode = PreprocessMode(self.mode)
+        self.small_images = SmallImages(self.small_images)
 
 
 @dataclass(frozen=True)
@@ -95,8 +110,6 @@ def resolve_preprocess(
     Bucket fields are only validated in buckets mode (center_crop ignores them). Raises
     ValueError naming the offending `preprocess.<field>`.
     """
-    _check_choice("mode", cfg.mode, MODES)
-    _check_choice("small_images", cfg.small_images, SMALL_IMAGE_POLICIES)
     if downsample_factor < 1:
         raise ValueError(f"encoder downsample_factor must be >= 1, got {downsample_factor}")
     if cfg.max_pixels < 1:
@@ -112,11 +125,6 @@ def resolve_preprocess(
     if cfg.mode == "buckets":
         _check_buckets(resolved, downsample_factor, dynamic_spatial)
     return resolved
-
-
-def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"preprocess.{field} must be one of {list(choices)}, got {value!r}")
 
 
 def _resolve_resolution(

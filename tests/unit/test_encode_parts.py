@@ -140,7 +140,6 @@ def test_validate_config():
     ok = EncodeConfig(input="in", output="out", encoder="e.onnx")
     validate_config(ok)
     for field, value in [
-        ("device", "tpu"),
         ("batch_size", 0),
         ("actor_cpus", 0),
         ("num_actors", -1),
@@ -161,11 +160,6 @@ def test_validate_config():
     validate_config(
         EncodeConfig(input="in", output="out", encoder="e.onnx", min_actors=2)
     )  # 0 = auto
-    for field, value in [("dtype", "int8"), ("latent", "mode")]:
-        storage = StorageConfig(**{field: value})
-        cfg = EncodeConfig(input="in", output="out", encoder="e.onnx", storage=storage)
-        with pytest.raises(ValueError, match=f"storage.{field}"):
-            validate_config(cfg)
     with pytest.raises(ValueError, match="fp16_model"):
         validate_config(
             EncodeConfig(input="i", output="o", encoder="e", fp16_model=True, device="cpu")
@@ -286,3 +280,31 @@ def test_pool_bounds():
     assert pool_bounds(fixed, capacity=8, units=100) == (2, 4)
     assert pool_bounds(fixed, capacity=2, units=100) == (2, 2)
     assert pool_bounds(fixed, capacity=8, units=1) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["device=tpu", "storage.dtype=int8", "storage.latent=mode", "preprocess.mode=tiles"],
+)
+def test_choices_fail_at_load_naming_the_key(override):
+    """Choice fields are Enums: a bad value is refused when the config is loaded, by name."""
+    from pipeline.config import ConfigError, load_config
+
+    required = ["input=in", "output=out", "encoder=e.onnx"]
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(EncodeConfig, [], [*required, override])
+    with pytest.raises(ValueError):  # and in Python, when the dataclass is built
+        key, value = override.split("=")
+        if key.startswith("storage."):
+            StorageConfig(**{key.split(".")[1]: value})
+        elif key.startswith("preprocess."):
+            PreprocessConfig(**{key.split(".")[1]: value})
+        else:
+            EncodeConfig(input="in", output="out", encoder="e.onnx", **{key: value})
+
+
+def test_storage_dtypes_are_the_manifest_contracts():
+    from pipeline.contracts.layout import STORED_DTYPES
+    from pipeline.encode.config import StorageDtype
+
+    assert tuple(StorageDtype) == STORED_DTYPES

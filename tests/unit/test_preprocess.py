@@ -90,8 +90,6 @@ def test_resolve_fills_defaults_and_returns_a_copy():
 @pytest.mark.parametrize(
     ("overrides", "dynamic", "match"),
     [
-        ({"mode": "x"}, True, r"preprocess\.mode must be one of \['center_crop', 'buckets'\]"),
-        ({"small_images": "shrink"}, True, r"preprocess\.small_images must be one of"),
         ({"resolution": 100}, True, r"preprocess\.resolution=100 must be a multiple of .* 8"),
         ({"resolution": -8}, True, r"preprocess\.resolution must be >= 0"),
         ({"resolution": 128}, False, r"preprocess\.resolution=128 .*fixed input size; re-export"),
