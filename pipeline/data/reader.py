@@ -129,14 +129,7 @@ class ShardImageDataset(IterableDataset):
         self.seed = seed
         self.epoch = epoch
         self.repeat = repeat
-        if channels not in (1, 3) or value_range not in VALUE_RANGES:
-            raise ValueError(
-                f"data.channels must be 1 or 3 and data.value_range one of {VALUE_RANGES}; "
-                f"got {channels}, {value_range!r}"
-            )
-        self.channels = channels
-        self.value_range = value_range
-        self.label_field = label_field
+        self.decoder = ExampleDecoder(resolution, channels, value_range, label_field)
         self.skipped = 0
         self.truncated_shards = 0
 
@@ -179,7 +172,28 @@ class ShardImageDataset(IterableDataset):
                 log.warning("%s; continuing with the next shard", err)
 
     def _decode(self, sample: TarSample) -> torch.Tensor | tuple[torch.Tensor, int] | None:
-        """The image tensor, or (image, label) with a label field; None (logged) if unusable."""
+        example = self.decoder(sample)
+        self.skipped = self.decoder.skipped
+        return example
+
+
+class ExampleDecoder:
+    """Raw sample -> training example: the image tensor, or (image, label) with a label field;
+    None (logged, counted in ``skipped``) when the sample is unusable."""
+
+    def __init__(
+        self, resolution: int, channels: int = 3, value_range: str = "signed", label_field: str = ""
+    ):
+        if channels not in (1, 3) or value_range not in VALUE_RANGES:
+            raise ValueError(
+                f"data.channels must be 1 or 3 and data.value_range one of {VALUE_RANGES}; "
+                f"got {channels}, {value_range!r}"
+            )
+        self.resolution, self.channels, self.value_range = resolution, channels, value_range
+        self.label_field = label_field
+        self.skipped = 0
+
+    def __call__(self, sample: TarSample) -> torch.Tensor | tuple[torch.Tensor, int] | None:
         field = find_image_field(sample.files)
         if field is None:
             reason = f"no image field (has {sorted(sample.files)})"
