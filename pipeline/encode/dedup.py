@@ -50,6 +50,10 @@ from pipeline.latents.format import (
 log = logging.getLogger("pipeline.encode.job")
 
 KEYS_PER_PARTITION = 1_000_000  # keys one partition task holds (~100 MB)
+# Commit records read per map call: few, large map outputs keep the sort shuffle's per-block
+# bookkeeping on the driver small (docs/benchmarks.md: 8 per call cost ~54 KiB of driver RSS
+# per unit, mostly in this pass).
+UNITS_PER_KEY_BATCH = 256
 DUPLICATE_REASON = "duplicate key (an earlier input shard already provided it)"
 
 
@@ -171,7 +175,7 @@ def resolve_duplicates(units: list[int], total_keys: int, spec: RewriteSpec) -> 
     ds.context.enable_progress_bars = False
     rows = ds.map_batches(
         _key_rows,
-        batch_size=8,
+        batch_size=UNITS_PER_KEY_BATCH,
         batch_format="numpy",
         fn_kwargs={"output": spec.layout.output, "partitions": partitions},
     )
