@@ -8,12 +8,11 @@ WORKDIR ?= demo-out
 
 .PHONY: setup demo test test-fast lint clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt deploy/install-pinned.sh
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,s3]"
+	# pip, then torch pinned (an unpinned torch resolves to a multi-GB CUDA build), then the
+	# package; the same script installs the container image (deploy/Dockerfile).
+	sh deploy/install-pinned.sh $(PY) dev,s3
 	touch $(STAMP)
 
 setup: $(STAMP)
