@@ -1,21 +1,26 @@
-"""Fail unless the Python environment holds exactly the versions pinned in constraints.txt.
+"""Fail unless latentpipe's dependencies are installed at exactly the versions constraints.txt pins.
 
-deploy/Dockerfile runs it after deploy/install-pinned.sh, so an image whose base image brought
-a different version of a pinned package (and pip kept it) fails to build instead of running
-untested code. Every pinned distribution that is installed must have the pinned version (a
-local build label such as torch's ``+cu128`` is allowed: it is the same release), and every
-runtime requirement of the installed ``latentpipe`` must be installed.
+deploy/Dockerfile runs it after deploy/install-pinned.sh, so an image in which pip kept a version
+the base image brought (or resolved something else) fails to build instead of running untested
+code. It checks the installed dependency tree of ``latentpipe[EXTRAS]`` (requirements followed
+through their extras): every distribution in it that constraints.txt pins must have the pinned
+version (a local build label such as torch's ``+cu128`` is the same release), and latentpipe's
+own requirements must all be installed and pinned. Packages of the base image outside that tree
+are not latentpipe's business and are not checked.
 
-    usage: python deploy/check_pins.py constraints.txt
+    usage: python deploy/check_pins.py constraints.txt EXTRAS        e.g. ... constraints.txt s3
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from importlib import metadata
 
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
+REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
+EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
 def normalise(name: str) -> str:
@@ -38,28 +43,56 @@ def installed() -> dict[str, str]:
     return {normalise(d.metadata["Name"]): d.version for d in metadata.distributions()}
 
 
-def runtime_requirements(dist: str = "latentpipe") -> list[str]:
-    """Names of ``dist``'s requirements that apply without extras ([] when not installed)."""
+def installed_requires(name: str) -> list[str] | None:
+    """Requirement strings of an installed distribution (None when it is not installed)."""
     try:
-        requires = metadata.requires(dist) or []
+        return metadata.requires(name) or []
     except metadata.PackageNotFoundError:
-        return []
-    names = []
-    for req in requires:
-        if "extra ==" in req.partition(";")[2]:
+        return None
+
+
+def parse(requirement: str) -> tuple[str, set[str], str | None]:
+    """(name, requested extras, the extra this requirement belongs to) of a Requires-Dist line."""
+    spec, _, marker = requirement.partition(";")
+    match = REQUIREMENT.match(spec)
+    extras = {normalise(e) for e in (match.group(2) or "").split(",") if e.strip()}
+    extra = EXTRA_MARKER.search(marker)
+    return normalise(match.group(1)), extras, normalise(extra.group(1)) if extra else None
+
+
+def dependency_tree(
+    root: str, extras: set[str], requires: Callable[[str], list[str] | None] = installed_requires
+) -> set[str]:
+    """Names reachable from ``root[extras]`` through installed requirements (root included).
+
+    Environment markers other than ``extra`` are not evaluated: a requirement whose marker is
+    false is simply not installed, and only installed distributions are compared with pins.
+    """
+    seen: dict[str, set[str]] = {}
+    todo = [(normalise(root), {normalise(e) for e in extras})]
+    while todo:
+        name, wanted = todo.pop()
+        if name in seen and wanted <= seen[name]:
             continue
-        names.append(normalise(re.split(r"[\s\[<>=!~;(]", req, maxsplit=1)[0]))
-    return names
+        seen[name] = seen.get(name, set()) | wanted
+        for req in requires(name) or []:
+            dep, dep_extras, extra = parse(req)
+            if extra is None or extra in seen[name]:
+                todo.append((dep, dep_extras))
+    return set(seen)
 
 
-def problems(pins: dict[str, str], have: dict[str, str], required: list[str]) -> list[str]:
-    """One line per installed version that differs from its pin or missing requirement."""
+def problems(
+    pins: dict[str, str], have: dict[str, str], tree: set[str], direct: list[str]
+) -> list[str]:
+    """One line per pinned distribution of ``tree`` installed at another version, and per
+    direct requirement that is missing or unpinned."""
     found = []
-    for name, want in sorted(pins.items()):
+    for name in sorted(tree & pins.keys()):
         version = have.get(name)
-        if version is not None and version.split("+", 1)[0] != want:
-            found.append(f"{name}: installed {version}, pinned {want}")
-    for name in required:
+        if version is not None and version.split("+", 1)[0] != pins[name]:
+            found.append(f"{name}: installed {version}, pinned {pins[name]}")
+    for name in direct:
         if name not in have:
             found.append(f"{name}: required by latentpipe but not installed")
         elif name not in pins:
@@ -68,15 +101,25 @@ def problems(pins: dict[str, str], have: dict[str, str], required: list[str]) ->
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) != 2:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     pins = read_pins(argv[0])
-    found = problems(pins, installed(), runtime_requirements())
+    extras = {e for e in argv[1].split(",") if e}
+    direct = [
+        name
+        for name, _, extra in map(parse, installed_requires("latentpipe") or [])
+        if extra is None
+    ]
+    if not direct:
+        print("check_pins: latentpipe is not installed", file=sys.stderr)
+        return 1
+    tree = dependency_tree("latentpipe", extras)
+    found = problems(pins, installed(), tree, direct)
     for line in found:
         print(f"check_pins: {line}", file=sys.stderr)
     if not found:
-        print(f"check_pins: installed versions match {len(pins)} pins of {argv[0]}")
+        print(f"check_pins: {len(tree)} distributions of latentpipe[{argv[1]}] match {argv[0]}")
     return 1 if found else 0
 
 

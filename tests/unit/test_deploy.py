@@ -110,7 +110,8 @@ def test_image_installs_with_the_script_make_setup_runs(tmp_path):
         (run,) = [r for r in runs if SCRIPT in r]
         # torch from the index of the image's own CUDA (or CPU) build
         assert f"TORCH_INDEX_URL=https://download.pytorch.org/whl/{variant} " in run
-        assert "python deploy/check_pins.py constraints.txt" in run
+        # then the pins are checked on the tree of the extras just installed
+        assert "python deploy/check_pins.py constraints.txt s3" in run
     # nothing installs around the script, in either place
     everything = "\n".join(_make_setup_commands(tmp_path) + _build()[1])
     assert not re.search(r"pip\S* install|conda install|apt-get install", everything)
@@ -160,21 +161,36 @@ def test_every_requirement_of_the_installed_extras_is_pinned():
 
 
 def test_installed_environment_matches_the_pins():
-    """What the image checks after installing, checked here on this checkout's environment."""
-    assert (
-        check_pins.problems(PINS, check_pins.installed(), check_pins.runtime_requirements()) == []
-    )
+    """What the image checks after installing, checked here on make setup's environment."""
+    assert check_pins.main([str(REPO / "constraints.txt"), "dev,s3"]) == 0
 
 
 def test_pin_check_names_a_version_that_differs():
-    have = check_pins.installed()
-    wrong = {**PINS, "pytest": "0.0.1"}
-    assert check_pins.problems(wrong, have, []) == [
-        f"pytest: installed {have['pytest']}, pinned 0.0.1"
+    requires = {
+        "latentpipe": ["torch>=2.6", "ray[train]>=2.59", 's3fs; extra == "s3"'],
+        "ray": ["pyyaml", 'tensorboardx; extra == "train"', 'fastapi; extra == "serve"'],
+        "s3fs": ["aiobotocore"],
+    }.get
+    # the tree follows requested extras only
+    assert check_pins.dependency_tree("latentpipe", set(), requires) == {
+        "latentpipe",
+        "torch",
+        "ray",
+        "pyyaml",
+        "tensorboardx",
+    }
+    tree = check_pins.dependency_tree("latentpipe", {"s3"}, requires)
+    assert {"s3fs", "aiobotocore"} <= tree and "fastapi" not in tree
+    pins = {"torch": "2.13.0", "ray": "2.60.0", "pyyaml": "6.0.3", "scipy": "1.17.1"}
+    have = {"torch": "2.13.0+cu128", "ray": "2.60.0", "pyyaml": "6.0.1", "scipy": "1.11.0"}
+    # a local build label is the same release; scipy is the base image's, outside the tree
+    assert check_pins.problems(pins, have, tree, ["torch", "ray"]) == [
+        "pyyaml: installed 6.0.1, pinned 6.0.3"
     ]
-    # a local build label is the same release; a missing requirement is named
-    assert check_pins.problems({"torch": "2.13.0"}, {"torch": "2.13.0+cu128"}, []) == []
-    assert check_pins.problems({}, {}, ["ray"]) == ["ray: required by latentpipe but not installed"]
+    assert check_pins.problems({}, {"ray": "2.60.0"}, set(), ["ray", "onnx"]) == [
+        "ray: required by latentpipe but not pinned in constraints.txt",
+        "onnx: required by latentpipe but not installed",
+    ]
 
 
 def test_image_runs_as_the_unprivileged_ray_user():
