@@ -61,7 +61,7 @@ def build_dataset(job: Job, units: list[int]):
     items = [{"unit": u, "url": job.urls[u], "run": job.run, "run_start": job.start} for u in units]
     # One unit per block: units are the grain of scheduling, retry and load balance.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    fewest, most = pool_bounds(cfg, capacity, len(units))
+    fewest, initial, most = pool_bounds(cfg, capacity, len(units), can_grow=_on_cluster())
     ds = ds.map_batches(
         UnitEncoder,
         batch_size=1,
@@ -69,7 +69,7 @@ def build_dataset(job: Job, units: list[int]):
         compute=ray.data.ActorPoolStrategy(
             min_size=fewest,
             max_size=most,
-            initial_size=most,
+            initial_size=initial,
             # One unit running, one queued: no idle gap between units, and at most two units
             # held by an actor that is lost.
             max_tasks_in_flight_per_actor=2,
@@ -93,18 +93,39 @@ def build_dataset(job: Job, units: list[int]):
     return ds
 
 
-def pool_bounds(cfg: EncodeConfig, capacity: int, units: int) -> tuple[int, int]:
-    """(fewest, most) encoder actors for a pass over ``units`` when the cluster holds
-    ``capacity``: num_actors (0 = capacity), never more than there are units to own."""
-    most = min(cfg.num_actors or capacity, max(capacity, cfg.min_actors), units)
-    most = max(most, 1)
-    return min(cfg.min_actors, most), most
+def pool_bounds(
+    cfg: EncodeConfig, capacity: int, units: int, can_grow: bool = False
+) -> tuple[int, int, int]:
+    """(fewest, initial, most) encoder actors for a pass over ``units`` when the cluster holds
+    ``capacity`` now: num_actors (0 = capacity), never more than there are units to own.
+
+    A cluster that ``can_grow`` (an autoscaler behind RAY_ADDRESS) starts with what fits and
+    lets Ray Data's pool ask for up to num_actors; embedded Ray cannot grow, so the pool is
+    capped at what fits (more would wait for ever as pending actors).
+    """
+    wanted = min(cfg.num_actors or capacity, units)
+    fits = max(capacity, cfg.min_actors)
+    most = max(1, wanted if can_grow else min(wanted, fits))
+    initial = max(1, min(most, fits))
+    return min(cfg.min_actors, initial), initial, most
+
+
+def _on_cluster() -> bool:
+    """Submitted to a Ray cluster (a job's driver), not an embedded Ray of our own."""
+    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def _actor_gpus(cfg: EncodeConfig) -> float:
+    """One GPU per actor for device=cuda, and for device=auto when the cluster has GPUs.
+
+    On a cluster the driver usually runs on a head without a GPU: the cluster's resources say
+    whether GPU workers exist (their actors check CUDA when they open the session). Embedded
+    Ray is this machine, so there a GPU must also be usable here.
+    """
     if cfg.device == "cuda":
         return 1.0
-    if cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1 and gpu_visible():
+    has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    if cfg.device == "auto" and has_gpus and (_on_cluster() or gpu_visible()):
         return 1.0
     return 0.0
 
@@ -121,8 +142,7 @@ def wait_for_capacity(cfg: EncodeConfig, gpus: float) -> int:
         if capacity >= cfg.min_actors:
             return capacity
         waited = time.monotonic() - start
-        on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-        if not on_cluster or (cfg.stall_timeout_s and waited >= cfg.stall_timeout_s):
+        if not _on_cluster() or (cfg.stall_timeout_s and waited >= cfg.stall_timeout_s):
             raise EncodeCapacityError(_no_capacity(cfg, gpus, capacity))
         if time.monotonic() - last_warn >= cfg.stall_warn_s:
             last_warn = time.monotonic()

@@ -272,14 +272,17 @@ def test_code_usage_summary():
 
 
 def test_pool_bounds():
-    """0 actors = what the cluster holds; never more actors than units, never fewer than one."""
+    """0 actors = what the cluster holds; never more actors than units, never fewer than one;
+    a cluster that can grow starts with what fits and may ask for up to num_actors."""
     auto = EncodeConfig(input="in", output="out", encoder="e.onnx")
-    assert pool_bounds(auto, capacity=8, units=100) == (1, 8)
-    assert pool_bounds(auto, capacity=8, units=3) == (1, 3)
+    assert pool_bounds(auto, capacity=8, units=100) == (1, 8, 8)
+    assert pool_bounds(auto, capacity=8, units=3) == (1, 3, 3)
     fixed = dataclasses.replace(auto, num_actors=4, min_actors=2)
-    assert pool_bounds(fixed, capacity=8, units=100) == (2, 4)
-    assert pool_bounds(fixed, capacity=2, units=100) == (2, 2)
-    assert pool_bounds(fixed, capacity=8, units=1) == (1, 1)
+    assert pool_bounds(fixed, capacity=8, units=100) == (2, 4, 4)
+    assert pool_bounds(fixed, capacity=2, units=100) == (2, 2, 2)
+    assert pool_bounds(fixed, capacity=8, units=1) == (1, 1, 1)
+    assert pool_bounds(fixed, capacity=2, units=100, can_grow=True) == (2, 2, 4)
+    assert pool_bounds(auto, capacity=2, units=100, can_grow=True) == (1, 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -308,3 +311,18 @@ def test_storage_dtypes_are_the_manifest_contracts():
     from pipeline.encode.config import StorageDtype
 
     assert tuple(StorageDtype) == STORED_DTYPES
+
+
+def test_auto_device_uses_the_clusters_gpus_not_the_drivers(monkeypatch):
+    """A job's driver runs on a head without a GPU: the cluster's resources decide (pure logic
+    around ray.cluster_resources, stubbed here)."""
+    from pipeline.encode import passes
+
+    cfg = EncodeConfig(input="in", output="out", encoder="e.onnx")
+    monkeypatch.setattr(passes.ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    monkeypatch.setattr(passes, "gpu_visible", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert passes._actor_gpus(cfg) == 1.0
+    monkeypatch.delenv("RAY_ADDRESS")  # embedded Ray: a GPU must be usable on this machine
+    assert passes._actor_gpus(cfg) == 0.0
+    assert passes._actor_gpus(dataclasses.replace(cfg, device="cpu")) == 0.0
