@@ -65,6 +65,22 @@ def load_config(
         raise ConfigError(_one_line(err)) from None
 
 
+def load_dict_as(schema: type[T], data: dict, source: str) -> T:
+    """A dict read from JSON (e.g. a model artifact's ``model``) as `schema`, as strictly as a
+    YAML file: unknown keys and wrong types raise ConfigError naming `source`."""
+    merged = OmegaConf.structured(schema)
+    OmegaConf.set_struct(merged, True)
+    try:
+        extra = OmegaConf.create(data)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_one_line(err)}") from None
+    merged = _merge(merged, extra, source=source)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+    return OmegaConf.to_object(merged)
+
+
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)

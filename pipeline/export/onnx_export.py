@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from pipeline.models.kl import KLAutoencoder
-from pipeline.models.vq import EXPORT_OUTPUT_NAMES as VQ_OUTPUT_NAMES
-from pipeline.models.vq import VQAutoencoder, VQEncoderForExport
+from pipeline.models.vq import VQAutoencoder
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("mean", "logvar")  # KL models; VQ models export VQ_OUTPUT_NAMES
+OUTPUT_NAMES = ("mean", "logvar")  # KL models
+VQ_OUTPUT_NAMES = ("indices", "quantized")  # VQ models
 # Symbolic dims of the graph; "batch" is shared by the input and every output.
 BATCH, HEIGHT, WIDTH = "batch", "height", "width"
 LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
@@ -46,6 +46,17 @@ class EncoderForExport(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.model.encode(image)
         return posterior.mean, posterior.logvar
+
+
+class VQEncoderForExport(nn.Module):
+    """Wrap a :class:`VQAutoencoder` so ``forward(image) -> (indices, quantized)`` for ONNX."""
+
+    def __init__(self, model: VQAutoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.export_forward(image)
 
 
 def is_vq(model: nn.Module) -> bool:

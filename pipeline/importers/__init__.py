@@ -1,5 +1,5 @@
-"""Bring pretrained autoencoders from other formats into latentpipe checkpoints.
+"""Bring pretrained autoencoders from other formats in as latentpipe model artifacts.
 
 ``pipeline.importers.diffusers.import_diffusers`` turns a diffusers ``AutoencoderKL`` directory
-into a checkpoint that ``latentpipe export`` and ``latentpipe encode`` use unchanged.
+into a model artifact that ``latentpipe export`` and ``latentpipe encode`` use unchanged.
 """

@@ -12,7 +12,7 @@ from pipeline.models.classic import CLASSIC_MODELS, ClassicVAE, ClassicVAEConfig
 from pipeline.models.kl import DiagonalGaussian, KLAutoencoder, ModelConfig
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
 from pipeline.models.quantizer import VectorQuantizer, VQConfig
-from pipeline.models.vq import VQAutoencoder, VQEncoderForExport
+from pipeline.models.vq import VQAutoencoder
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "kl": KLAutoencoder,
@@ -33,6 +33,19 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return cls(cfg.classic) if cfg.kind in CLASSIC_MODELS else cls(cfg)
 
 
+def training_buffers(model: nn.Module) -> list[str]:
+    """``state_dict`` names of the buffers only training needs (a VQ codebook's statistics).
+
+    A model artifact leaves them out (inference never reads them); a training checkpoint keeps
+    them beside the artifact, so a resumed run continues exactly.
+    """
+    names = []
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "TRAINING_BUFFERS", ()):
+            names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
 __all__ = [
     "MODEL_REGISTRY",
     "ClassicVAE",
@@ -43,9 +56,9 @@ __all__ = [
     "ModelConfig",
     "VQAutoencoder",
     "VQConfig",
-    "VQEncoderForExport",
     "VectorQuantizer",
     "autoencoder_loss",
     "build_model",
+    "training_buffers",
     "vq_autoencoder_loss",
 ]

@@ -90,6 +90,19 @@ def _broadcast_(tensor: torch.Tensor) -> torch.Tensor:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook quantizer with EMA updates and dead-code re-seeding."""
 
+    # Buffers only training reads: EMA statistics, usage counters, the re-seeding pool and the
+    # k-means flag. A model artifact ships the codebook alone; training checkpoints keep these.
+    TRAINING_BUFFERS = (
+        "ema_cluster_size",
+        "ema_embed_sum",
+        "steps_unused",
+        "initialised",
+        "reseed_total",
+        "recent",
+        "recent_filled",
+        "recent_ptr",
+    )
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         validate_vq_config(cfg)

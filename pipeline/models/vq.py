@@ -1,4 +1,4 @@
-"""VQ autoencoder (taming-transformers' VQModel layout) and its ONNX-exportable encoder.
+"""VQ autoencoder (taming-transformers' VQModel layout).
 
 encoder -> z_channels -> quant_conv (1x1) -> code_dim -> VectorQuantizer -> post_quant_conv (1x1)
 -> decoder. Attribute names (``encoder``, ``quant_conv``, ``quantize``, ``post_quant_conv``,
@@ -16,8 +16,6 @@ from torch import nn
 from pipeline.models.blocks import Decoder, Encoder
 from pipeline.models.kl import ModelConfig, trunk_kwargs, validate_config
 from pipeline.models.quantizer import VectorQuantizer
-
-EXPORT_OUTPUT_NAMES = ("indices", "quantized")
 
 
 class VQAutoencoder(nn.Module):
@@ -72,14 +70,3 @@ class VQAutoencoder(nn.Module):
         """Traceable encode: (indices int64 [N, h, w], quantized [N, C, h, w]); no state change."""
         z_q, indices = self.quantize.quantize(self.quant_conv(self.encoder(image)))
         return indices, z_q
-
-
-class VQEncoderForExport(nn.Module):
-    """Wrap a :class:`VQAutoencoder` so ``forward(image) -> (indices, quantized)`` for ONNX."""
-
-    def __init__(self, model: VQAutoencoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.export_forward(image)

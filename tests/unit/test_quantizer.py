@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.export.onnx_export import VQEncoderForExport
 from pipeline.models import (
     MODEL_REGISTRY,
     ModelConfig,
     VQAutoencoder,
-    VQEncoderForExport,
     build_model,
 )
 from pipeline.models.losses import LossConfig, vq_autoencoder_loss
