@@ -40,11 +40,11 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from pipeline.artifacts import load_model_artifact
 from pipeline.config import load_config
 from pipeline.data.mnist import load_mnist_split, to_unit_tensor, write_mnist_shards
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.evaluate.quality import evaluate_model, held_out_batches
-from pipeline.train.checkpoint import load_model
 from pipeline.train.config import TrainRunConfig
 from pipeline.train.run import train
 
@@ -101,7 +101,7 @@ def train_latentpipe(yamls: list[str], overrides: list[str], name: str, work: Pa
     started = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - started
-    model, cfg = load_model(result["checkpoint"])
+    model, _, _ = load_model_artifact(result["checkpoint"])  # the run's model artifact
     return model, cfg, seconds
 
 

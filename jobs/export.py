@@ -1,11 +1,11 @@
-"""Ray Job entrypoint: `latentpipe export`. Export a checkpoint's encoder to ONNX with its sidecar, gated on ORT-vs-torch parity.
+"""Ray Job entrypoint: `latentpipe export`. Export a model artifact's encoder (a checkpoint's, a run's newest, or an import) to ONNX with its sidecar, gated on ORT-vs-torch parity.
 
 Submit to a cluster (token auth: `ray job submit` reads RAY_AUTH_TOKEN or ~/.ray/auth_token;
 get it with `ray get-auth-token` on the head node, never put it on the command line):
 
     export RAY_ADDRESS=http://127.0.0.1:8265     # e.g. after kubectl port-forward svc/<head> 8265
     ray job submit --working-dir . -- python jobs/export.py \
-        checkpoint=s3://bucket/runs/kl-f4/checkpoint_... output=s3://bucket/encoders/kl-f4
+        model=s3://bucket/runs/kl-f4/checkpoint_... output=s3://bucket/encoders/kl-f4
 
 Run locally on embedded Ray with the same arguments: `python jobs/export.py ...`.
 The arguments are exactly those of the CLI command; everything happens in the library.

@@ -44,10 +44,10 @@ COMMANDS = {
         "train",
     ),
     "export": Command(
-        "checkpoint -> encoder.onnx + encoder.json, parity-checked",
+        "model artifact (or checkpoint) -> encoder.onnx + encoder.json, parity-checked",
         "pipeline.export",
         "ExportConfig",
-        "export_from_checkpoint",
+        "export_from_artifact",
     ),
     "encode": Command(
         "image shards -> latent shards + manifest (Ray Data + ONNX Runtime)",
@@ -56,7 +56,7 @@ COMMANDS = {
         "encode_corpus",
     ),
     "import": Command(
-        "diffusers AutoencoderKL directory -> latentpipe checkpoint",
+        "diffusers AutoencoderKL directory -> latentpipe model artifact",
         "pipeline.importers.diffusers",
         "ImportConfig",
         "import_diffusers",

@@ -2,7 +2,8 @@
 
 sample photographs -> train/val shards -> 2-worker DDP training -> ONNX export -> Ray Data
 encode of the corpus -> decode validation latents with the trained decoder -> PSNR report and a
-reconstruction grid -> `summary.json` naming every artifact.
+reconstruction grid -> `summary.json` naming every artifact, the trained model among them: a
+model artifact (for the KL demo a diffusers `AutoencoderKL` directory) with its content hash.
 
 Run: `latentpipe demo workdir=demo-out` (or `make demo`).
 VQ variant: `latentpipe demo configs/demo-vq.yaml` trains a small VQ-VAE; the latent shards then
@@ -25,18 +26,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.artifacts.card import resolve_model_dir
+from pipeline.artifacts.store import load_model_artifact
 from pipeline.config import save_resolved_config
 from pipeline.contracts.manifest import Manifest, load_manifest
 from pipeline.data.reader import DataConfig, iter_val_images
 from pipeline.data.shards import ShardsConfig, build_shards
 from pipeline.data.urls import expand_shard_urls
 from pipeline.encode.job import EncodeConfig, encode_corpus
-from pipeline.export import ExportConfig, export_from_checkpoint
+from pipeline.export import ExportConfig, export_from_artifact
 from pipeline.latents.format import iter_latents, load_manifest_codebook
 from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
 from pipeline.raysetup import init_ray
-from pipeline.train.checkpoint import load_model
 from pipeline.train.config import TrainConfig, TrainRunConfig
 from pipeline.train.run import train
 from pipeline.verify import VerifyConfig, decode_pixels, psnr_db, verify_corpus
@@ -79,7 +81,7 @@ class DemoConfig:
         )
     )
     export: ExportConfig = field(
-        default_factory=lambda: ExportConfig(checkpoint=FILLED_BY_DEMO, output="${workdir}/export")
+        default_factory=lambda: ExportConfig(model=FILLED_BY_DEMO, output="${workdir}/export")
     )
     encode: EncodeConfig = field(
         default_factory=lambda: EncodeConfig(
@@ -101,8 +103,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     run_cfg = TrainRunConfig(data=cfg.data, model=cfg.model, loss=cfg.loss, train=cfg.train)
     trained = train(run_cfg)
     log.info("[3/6] exporting the encoder to ONNX")
-    export_cfg = dataclasses.replace(cfg.export, checkpoint=trained["checkpoint"])
-    sidecar = export_from_checkpoint(export_cfg)
+    model_dir = resolve_model_dir(trained["checkpoint"])
+    export_cfg = dataclasses.replace(cfg.export, model=model_dir)
+    sidecar = export_from_artifact(export_cfg)
     encoder_path = f"{export_cfg.output}/encoder.onnx"
     log.info("[4/6] encoding the corpus with Ray Data + ONNX Runtime")
     encode_cfg = dataclasses.replace(
@@ -111,15 +114,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     encode_corpus(encode_cfg)
     manifest = load_manifest(cfg.encode.output)  # what readers see, validated
     log.info("[5/6] verifying the latent corpus (exactly once, checksums, decode PSNR)")
-    verified = _verify(cfg.encode.output, trained["checkpoint"])
+    verified = _verify(cfg.encode.output, model_dir)
     log.info("[6/6] decoding validation latents and measuring PSNR")
     report = reconstruction_report(
-        trained["checkpoint"], cfg.encode.output, corpus["val"], workdir / "report", cfg
+        model_dir, cfg.encode.output, corpus["val"], workdir / "report", cfg
     )
     summary = {
         "shards": {"train": corpus["train"], "val": corpus["val"]},
         "run_dir": trained["run_dir"],
         "checkpoint": trained["checkpoint"],
+        # The trained model as an artifact (KL: AutoencoderKL.from_pretrained(model) loads it).
+        "model": model_dir,
+        "model_sha256": sidecar.model.sha256,
         "onnx": encoder_path,
         "sidecar": f"{export_cfg.output}/encoder.json",
         "latents": cfg.encode.output,
@@ -148,9 +154,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def _verify(latents_dir: str, checkpoint: str) -> dict:
+def _verify(latents_dir: str, model_dir: str) -> dict:
     """`latentpipe verify` on the demo's own corpus; a failed check fails the demo."""
-    report = verify_corpus(VerifyConfig(output=latents_dir, decoder=checkpoint))
+    report = verify_corpus(VerifyConfig(output=latents_dir, decoder=model_dir))
     if not report["ok"]:
         raise RuntimeError(f"latent corpus failed verification: {report['errors'][:3]}")
     keys = ("ok", "samples", "rejects", "input_keys", "decoded", "psnr_db")
@@ -200,11 +206,11 @@ def _prepare_workdir(workdir: Path) -> Path:
 
 
 def reconstruction_report(
-    checkpoint: str, latents_dir: str, val_dir: str, out_dir: Path, cfg: DemoConfig
+    model_dir: str, latents_dir: str, val_dir: str, out_dir: Path, cfg: DemoConfig
 ) -> dict:
     """Decode the stored validation latents with the trained decoder; PSNR vs. the originals."""
-    model, run_cfg = load_model(checkpoint)
-    resolution = run_cfg.data.resolution
+    model, _, card = load_model_artifact(model_dir)
+    resolution = card.image.resolution
     originals = dict(iter_val_images(expand_shard_urls(val_dir), resolution, limit=None))
     codebook = _corpus_codebook(latents_dir, model)
     scores, pairs = [], []
@@ -238,7 +244,7 @@ def _corpus_codebook(latents_dir: str, model: torch.nn.Module) -> np.ndarray | N
         return None
     codebook = load_manifest_codebook(latents_dir, manifest)
     if not np.array_equal(codebook, model.quantize.codes().detach().numpy()):
-        raise ValueError(f"{latents_dir}: codebook.npy is not the checkpoint's codebook")
+        raise ValueError(f"{latents_dir}: codebook.npy is not the trained model's codebook")
     return codebook
 
 

@@ -403,20 +403,13 @@ def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
     return ((np.stack(channels, axis=-1) + 2) * 63.75).clip(0, 255).astype(np.uint8)
 
 
-def write_checkpoint_dir(directory: str, model, model_cfg) -> str:
-    """A latentpipe checkpoint (state.pt + config.yaml) of ``model``; returns ``directory``."""
-    import os
+def write_model_artifact(directory: str, model, model_cfg, resolution: int = 16) -> str:
+    """A latentpipe model artifact of ``model`` (as training writes one); returns ``directory``."""
+    from pipeline.artifacts import ImageSpec, Provenance, save_model_artifact
 
-    import torch
-
-    from pipeline.data.reader import DataConfig
-    from pipeline.train.checkpoint import write_checkpoint
-    from pipeline.train.config import TrainRunConfig
-
-    os.makedirs(directory, exist_ok=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    cfg = TrainRunConfig(data=DataConfig(shards="unused"), model=model_cfg)
-    write_checkpoint(directory, model, optimizer, 0, cfg)
+    image = ImageSpec(channels=3, value_range="signed", resolution=resolution)
+    provenance = Provenance(run="unused", step=0, data={"shards": "unused"})
+    save_model_artifact(directory, model, model_cfg, image=image, provenance=provenance)
     return directory
 
 
@@ -458,7 +451,7 @@ def _encoded(model, key: str, image: bytes, caption: str, preprocess) -> Sample:
 
 
 def kl_sidecar(
-    checkpoint: dict | None = None, resolution: int = 16, quality: dict | None = None
+    model: dict | None = None, resolution: int = 16, quality: dict | None = None
 ) -> Sidecar:
     """The sidecar of a tiny f2 KL encoder (4 latent channels), as export builds it."""
     return build_sidecar(
@@ -471,7 +464,7 @@ def kl_sidecar(
         latent_channels=4,
         latent_stats={"mean": 0.0, "std": 1.0, "samples": 0, "source": ""},
         parity={"max_abs_diff": 0.0},
-        checkpoint=checkpoint or {"path": "", "step": 0, "sha256": None},
+        model=model or {"path": "", "sha256": None, "step": 0},
         quality=quality,
     )
 
@@ -483,7 +476,7 @@ def write_encoded_corpus(
     shards: list[list[tuple[str, bytes, str]]],
     *,
     resolution: int = 16,
-    checkpoint: dict | None = None,
+    model_ref: dict | None = None,
     **corpus_options: Any,
 ) -> Corpus:
     """:func:`encode_images` + :func:`write_corpus` (float32 latents unless ``dtype=`` given)."""
@@ -493,7 +486,7 @@ def write_encoded_corpus(
         directory,
         units,
         inputs=inputs,
-        sidecar=kl_sidecar(checkpoint, resolution),
+        sidecar=kl_sidecar(model_ref, resolution),
         preprocess=preprocess,
         **corpus_options,
     )

@@ -23,6 +23,7 @@ from pipeline.contracts.manifest import (
 )
 from pipeline.contracts.sidecar import (
     InputSpec,
+    ModelRef,
     Sidecar,
     SidecarError,
     VQSpec,
@@ -44,6 +45,7 @@ __all__ = [
     "JsonlDigest",
     "LatentSpec",
     "Manifest",
+    "ModelRef",
     "ShardEntry",
     "Sidecar",
     "SidecarError",

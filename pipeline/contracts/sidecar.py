@@ -2,8 +2,13 @@
 
 A typed contract: :class:`Sidecar` (frozen) is what export builds and writes and what encode,
 verify and users read; :meth:`Sidecar.from_dict` validates every field on load and names the
-field and the file when one is missing or of the wrong type. The JSON (schema version 1) is
-unchanged, so encoder.json files written before the contract existed still load.
+field and the file when one is missing or of the wrong type.
+
+``model`` (:class:`ModelRef`, schema version 2) names the model artifact the encoder was exported
+from: its path, its content hash (``pipeline.artifacts.card.artifact_sha256``) and the training
+step. Version 1 sidecars (and the manifests that embed them) still load: their ``checkpoint``
+block (path, step, sha256 of a training checkpoint's ``state.pt``) becomes a ModelRef with the
+path and step and no hash, since that hash pinned a file model artifacts no longer have.
 
 The sidecar lives beside the ONNX file with the same stem and pins the ONNX bytes by sha256, so a
 swapped or partially copied model is detected before any latents are produced with it.
@@ -22,7 +27,7 @@ native (trained) size and ``latent_shape``/``index_shape`` the latents at that s
 :meth:`Sidecar.latent_shape_for` for other sizes. Sidecars without ``input.spatial`` (older
 exports) and ``"fixed"`` ones accept only ``resolution`` x ``resolution`` images.
 
-``quality`` (optional) holds the checkpoint's held-out figures from training
+``quality`` (optional) holds the model's held-out figures from training
 (``pipeline.evaluate.quality``: ``psnr_db``, ``ssim``, ``images`` and, for VQ, codebook usage);
 ``latentpipe verify`` compares a corpus's decoded PSNR with it.
 """
@@ -43,15 +48,14 @@ import fsspec
 from pipeline.contracts.fields import Fields
 
 SIDECAR_FORMAT = "latentpipe.encoder"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 RESIZE_MODE = "shorter_side_bicubic_center_crop"
 SPATIAL_MODES = ("dynamic", "fixed")
 MODEL_KINDS = ("kl", "vq")
 DISTANCES = ("l2", "cosine")
 INDEX_DTYPES = ("uint16", "int32")
 VQ_KEYS = ("num_codes", "code_dim", "distance", "index_dtype", "codebook_file", "codebook_sha256")
-# The file of a training checkpoint directory whose sha256 ``checkpoint.sha256`` records.
-CHECKPOINT_STATE_FILE = "state.pt"
 
 
 class SidecarError(ValueError):
@@ -147,8 +151,33 @@ class VQSpec:
 
 
 @dataclass(frozen=True)
+class ModelRef:
+    """The model artifact an encoder came from: path, content hash and training step."""
+
+    path: str | None = None
+    sha256: str | None = None  # pipeline.artifacts.card.artifact_sha256 of the directory
+    step: int | None = None  # training step of the weights (None: an import)
+
+    @classmethod
+    def from_dict(cls, f: Fields) -> ModelRef:
+        return cls(
+            path=f.str("path", optional=True),
+            sha256=f.str("sha256", optional=True),
+            step=f.int("step", optional=True, minimum=0),
+        )
+
+    @classmethod
+    def from_v1_checkpoint(cls, f: Fields) -> ModelRef:
+        """A version 1 ``checkpoint`` block; its sha256 was of ``state.pt``, not an artifact."""
+        return cls(path=f.str("path", optional=True), step=f.int("step", optional=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "step": self.step}
+
+
+@dataclass(frozen=True)
 class Sidecar:
-    """One exported encoder (schema version 1); see the module docstring."""
+    """One exported encoder (schema version 2); see the module docstring."""
 
     model_kind: str
     onnx_file: str
@@ -161,10 +190,12 @@ class Sidecar:
     latent_shape: list[int]
     scaling_factor: float
     shift_factor: float
-    scaling_source: str  # "data" (measured at export) or "checkpoint" (published factors)
+    # "data" (measured at export) or "checkpoint" (the published factors the model carries; the
+    # name predates model artifacts and stays: manifests record it)
+    scaling_source: str
     latent_stats: dict  # {"mean", "std", "samples", "source"}
     parity: dict
-    checkpoint: dict  # {"path", "step", "sha256" of path/state.pt}: the weights it came from
+    model: ModelRef  # the model artifact the weights came from
     quality: dict | None
     created: str
     latentpipe_version: str
@@ -244,7 +275,7 @@ class Sidecar:
                 "scaling_source": self.scaling_source,
                 "latent_stats": _copy(self.latent_stats),
                 "parity": _copy(self.parity),
-                "checkpoint": _copy(self.checkpoint),
+                "model": self.model.to_dict(),
                 "created": self.created,
                 "latentpipe_version": self.latentpipe_version,
             }
@@ -261,10 +292,11 @@ class Sidecar:
             raise SidecarError(
                 f"{where}: 'format' is {data.get('format')!r}, expected {SIDECAR_FORMAT!r}"
             )
-        if data.get("format_version") != SIDECAR_VERSION:
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS:
             raise SidecarError(
-                f"{where}: unsupported 'format_version' {data.get('format_version')!r} "
-                f"(this latentpipe reads version {SIDECAR_VERSION})"
+                f"{where}: unsupported 'format_version' {version!r} "
+                f"(this latentpipe reads versions {list(READABLE_VERSIONS)})"
             )
         kind = f.str("model_kind", choices=MODEL_KINDS)
         factor = f.int("downsample_factor", minimum=1)
@@ -284,7 +316,11 @@ class Sidecar:
             scaling_source=f.str("scaling_source") if f.has("scaling_source") else "data",
             latent_stats=f.dict("latent_stats"),
             parity=f.dict("parity"),
-            checkpoint=f.dict("checkpoint"),
+            model=(
+                ModelRef.from_dict(f.sub("model"))
+                if version >= 2
+                else ModelRef.from_v1_checkpoint(f.sub("checkpoint"))
+            ),
             quality=f.dict("quality", optional=True),
             created=f.str("created"),
             latentpipe_version=f.str("latentpipe_version"),
@@ -403,7 +439,7 @@ def build_sidecar(
     latent_channels: int,
     latent_stats: dict[str, Any],
     parity: dict[str, Any],
-    checkpoint: dict[str, Any],
+    model: ModelRef | dict[str, Any],
     declared_scale: dict[str, float] | None = None,
     vq: dict[str, Any] | None = None,
     spatial: str = "dynamic",
@@ -415,7 +451,8 @@ def build_sidecar(
     ``declared_scale`` ({"scaling_factor", "shift_factor"}) overrides the measured factors: a
     pretrained model's diffusion counterpart was trained with the published ones.
     ``spatial`` says whether the graph's height/width axes are "dynamic" or "fixed".
-    ``quality``: the checkpoint's held-out figures (``eval.json``), when training measured them.
+    ``model``: the model artifact the encoder came from (a :class:`ModelRef` or its dict).
+    ``quality``: the model's held-out figures (its card's ``quality``), when training measured them.
     The result is validated exactly as a loaded sidecar is, so export cannot write one that
     readers refuse.
     """
@@ -446,7 +483,7 @@ def build_sidecar(
         "scaling_source": "checkpoint" if declared_scale else "data",
         "latent_stats": dict(latent_stats),
         "parity": dict(parity),
-        "checkpoint": dict(checkpoint),
+        "model": model.to_dict() if isinstance(model, ModelRef) else dict(model),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "latentpipe_version": latentpipe_version(),
     }

@@ -5,9 +5,12 @@
 - Textbook VAEs: negative ELBO and the importance-weighted estimate of -log p(x) (k samples)
   in nats per image, and both in bits per dimension.
 
-`evaluate_checkpoint` is what the trainer calls after the last step; the figures go into the
-run's metrics.jsonl and into `eval.json` beside the checkpoint, from where export copies them
-into the encoder's sidecar.
+`evaluate_checkpoint` is what the trainer calls after the last step, on the checkpoint's model
+artifact and the run's `data.val_shards` (the artifact names its training data). The figures go
+into the artifact's card (`quality`, from where export copies them into the encoder's sidecar),
+into `eval.json` beside the checkpoint and into the run's metrics.jsonl. For autoencoders the same
+pass measures the latent scale (1/std and mean of the posterior means, or of the quantized
+latents) and records it in the artifact, so a diffusers config.json carries measured factors.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from pipeline.artifacts.card import LatentScale, ModelCard, checkpoint_of, join
+from pipeline.artifacts.store import load_model_artifact, update_model_artifact
+from pipeline.config import load_dict_as
 from pipeline.data.reader import DataConfig, ShardImageDataset
 from pipeline.data.urls import expand_shard_urls
 from pipeline.evaluate.likelihood import bits_per_dim, iwae_nll, negative_elbo
+from pipeline.latents.stats import ChannelStats
 
 log = logging.getLogger("latentpipe.eval")
 
@@ -61,11 +68,16 @@ def held_out_batches(
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, batches, value_range: str) -> dict:
-    """Mean PSNR (dB) and SSIM of deterministic reconstructions, on the [0, 1] scale."""
+def reconstruction_metrics(model, batches, value_range: str, on_latents=None) -> dict:
+    """Mean PSNR (dB) and SSIM of deterministic reconstructions, on the [0, 1] scale.
+
+    ``on_latents(latents)`` sees every batch's latents (the scale is measured in this pass).
+    """
     psnr, ssim, count, usage = 0.0, 0.0, 0, []
     for images, _ in batches:
-        recon, extra = reconstruct(model, images)
+        recon, latents, extra = reconstruct(model, images)
+        if on_latents is not None:
+            on_latents(latents)
         original, recon = _unit(images, value_range), _unit(recon, value_range).clamp(0, 1)
         n = len(images)
         psnr += n * float(peak_signal_noise_ratio(recon, original, data_range=1.0, dim=(1, 2, 3)))
@@ -80,12 +92,15 @@ def reconstruction_metrics(model, batches, value_range: str) -> dict:
     return metrics
 
 
-def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(reconstruction, code indices or None): the posterior mean for KL, quantised for VQ."""
+def reconstruct(
+    model, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(reconstruction, latents, code indices or None): the latents are the posterior mean for
+    KL and the quantised latents for VQ, what an encoded corpus stores and decodes."""
     encoded = model.encode(images)
     if isinstance(encoded, tuple):  # VQ: (z_q, indices, info)
-        return model.decode(encoded[0]), encoded[1]
-    return model.decode(encoded.mean), None
+        return model.decode(encoded[0]), encoded[0], encoded[1]
+    return model.decode(encoded.mean), encoded.mean, None
 
 
 def codebook_health(indices: torch.Tensor, num_codes: int) -> dict:
@@ -118,36 +133,76 @@ def likelihood_metrics(model, batches, iwae_k: int) -> dict:
 
 def evaluate_model(model, data: DataConfig, limit: int, iwae_k: int) -> dict:
     """The held-out figures of this model's family (see the module docstring)."""
+    return _evaluate(model, data, limit, iwae_k)[0]
+
+
+def _evaluate(model, data: DataConfig, limit: int, iwae_k: int) -> tuple[dict, LatentScale | None]:
+    """(figures, latent scale measured on the same images; None for the textbook VAEs)."""
     model.eval()
     batches = held_out_batches(data, limit)
     if not batches:
         raise ValueError(f"no usable validation images in {data.val_shards}")
     if hasattr(model, "log_likelihood"):  # the textbook VAEs
-        return likelihood_metrics(model, batches, iwae_k)
-    return reconstruction_metrics(model, batches, data.value_range)
+        return likelihood_metrics(model, batches, iwae_k), None
+    stats = _LatentStats()
+    figures = reconstruction_metrics(model, batches, data.value_range, stats.add)
+    return figures, stats.scale(data.val_shards)
+
+
+class _LatentStats:
+    """Streaming latent moments (the encode job's ChannelStats): the diffusion scale."""
+
+    def __init__(self) -> None:
+        self.stats: ChannelStats | None = None
+        self.images = 0
+
+    def add(self, latents: torch.Tensor) -> None:
+        array = latents.detach().float().cpu().numpy()
+        self.stats = self.stats or ChannelStats(array.shape[1])
+        self.stats.update(array)
+        self.images += array.shape[0]
+
+    def scale(self, data: str) -> LatentScale | None:
+        summary = self.stats.summary() if self.stats else {"std": 0.0}
+        if summary["std"] <= 0:
+            return None  # constant latents: no scale to measure
+        return LatentScale(1.0 / summary["std"], summary["mean"], "measured", self.images, data)
+
+
+def run_data(card: ModelCard, where: str) -> DataConfig | None:
+    """The training data an artifact names (None for imports), as the run's DataConfig."""
+    data = card.provenance.data
+    return None if data is None else load_dict_as(DataConfig, data, f"{where}: provenance.data")
 
 
 def evaluate_checkpoint(checkpoint: str, limit: int, iwae_k: int) -> dict | None:
-    """Evaluate a checkpoint on its run's `data.val_shards` and write `eval.json` beside it.
+    """Evaluate a checkpoint's model artifact on its run's `data.val_shards`; record the figures
+    (and, for autoencoders, the measured latent scale) in the artifact and in `eval.json`
+    beside the checkpoint. `checkpoint` may also be a model artifact directory itself.
 
     Returns None (and says why) when the run has no validation shards.
     """
-    from pipeline.train.checkpoint import load_model  # evaluate/ is below train/ otherwise
-
-    model, cfg = load_model(checkpoint)
-    if not cfg.data.val_shards:
+    model, _, card = load_model_artifact(checkpoint)
+    data = run_data(card, checkpoint)
+    if data is None or not data.val_shards:
         log.info("no data.val_shards: skipping the held-out evaluation")
         return None
-    metrics = evaluate_model(model, cfg.data, limit, iwae_k)
-    with fsspec.open(f"{checkpoint.rstrip('/')}/{EVAL_FILE}", "w") as f:
+    metrics, scale = _evaluate(model, data, limit, iwae_k)
+    update_model_artifact(checkpoint, latent_scale=scale, quality=metrics)
+    with fsspec.open(join(_eval_dir(checkpoint), EVAL_FILE), "w") as f:
         json.dump(metrics, f, indent=2)
     log.info("held-out evaluation: %s", metrics)
     return metrics
 
 
+def _eval_dir(path: str) -> str:
+    """eval.json sits beside the checkpoint's model/ (or beside a bare artifact's files)."""
+    return checkpoint_of(path.rstrip("/")) or path.rstrip("/")
+
+
 def read_eval(checkpoint: str) -> dict | None:
     """`eval.json` of a checkpoint, if it has one."""
-    fs, root = fsspec.core.url_to_fs(f"{checkpoint.rstrip('/')}/{EVAL_FILE}")
+    fs, root = fsspec.core.url_to_fs(join(_eval_dir(checkpoint), EVAL_FILE))
     return json.loads(fs.cat_file(root)) if fs.exists(root) else None
 
 

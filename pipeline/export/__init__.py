@@ -14,8 +14,8 @@ from pipeline.contracts.sidecar import (
     sidecar_path,
     write_sidecar,
 )
-from pipeline.export.job import ExportConfig, export_from_checkpoint, export_model
-from pipeline.export.onnx_export import EncoderForExport, export_encoder_onnx
+from pipeline.export.job import ExportConfig, export_from_artifact, export_model
+from pipeline.export.onnx_export import EncoderForExport, VQEncoderForExport, export_encoder_onnx
 from pipeline.export.parity import (
     IndexParityError,
     ParityError,
@@ -38,7 +38,7 @@ __all__ = [
     "compare_outputs",
     "estimate_latent_stats",
     "export_encoder_onnx",
-    "export_from_checkpoint",
+    "export_from_artifact",
     "export_model",
     "file_sha256",
     "index_dtype",
@@ -46,5 +46,6 @@ __all__ = [
     "parity_report",
     "sidecar_path",
     "spatial_parity_report",
+    "VQEncoderForExport",
     "write_sidecar",
 ]

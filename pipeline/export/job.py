@@ -1,6 +1,10 @@
-"""Checkpoint -> ``encoder.onnx`` + ``encoder.json``: export, parity check, latent stats, sidecar.
+"""Model artifact -> ``encoder.onnx`` + ``encoder.json``: export, parity check, latent stats,
+sidecar naming the artifact (path and content hash) the encoder came from.
 
-VQ models also get ``codebook.npy`` beside the ONNX file (see pipeline.contracts.sidecar).
+The model is any model artifact (:mod:`pipeline.artifacts`): one latentpipe wrote (a training
+checkpoint's ``model/``, an import), one diffusers' ``AutoencoderKL.save_pretrained`` wrote, a
+checkpoint directory or a run directory (its newest complete checkpoint). VQ models also get
+``codebook.npy`` beside the ONNX file (see pipeline.contracts.sidecar).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from pipeline.artifacts.card import artifact_sha256, resolve_model_dir
+from pipeline.artifacts.store import load_model_artifact
 from pipeline.config import save_resolved_config
 from pipeline.contracts.sidecar import (
+    ModelRef,
     Sidecar,
     build_sidecar,
     file_sha256,
@@ -26,11 +33,9 @@ from pipeline.contracts.sidecar import (
     write_sidecar,
 )
 from pipeline.data.urls import expand_shard_urls
-from pipeline.evaluate.quality import read_eval
 from pipeline.export.onnx_export import export_encoder_onnx, is_vq
 from pipeline.export.parity import spatial_parity_report
 from pipeline.export.stats import estimate_latent_stats_counted
-from pipeline.train.checkpoint import STATE_FILE, load_model
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +46,11 @@ CODEBOOK_NAME = "codebook.npy"
 
 @dataclass
 class ExportConfig:
-    """``scale_shards`` defaults to the checkpoint's data.val_shards, then data.shards."""
+    """``model``: a model artifact directory (latentpipe's or diffusers'), a ``checkpoint_*``
+    directory (its ``model/``) or a run directory (its newest complete checkpoint).
+    ``scale_shards`` defaults to the data the model was trained on: val_shards, then shards."""
 
-    checkpoint: str = MISSING
+    model: str = MISSING
     output: str = MISSING
     opset: int = 17
     atol: float = 1e-4
@@ -51,10 +58,6 @@ class ExportConfig:
     scale_shards: str = ""
     scale_samples: int = 256
     device: str = "cpu"
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
 
 
 def _declared_scale(model: nn.Module) -> dict[str, float] | None:
@@ -86,7 +89,7 @@ def export_model(
     parity_batch: int = 4,
     scale_shards: str = "",
     scale_samples: int = 0,
-    checkpoint: dict[str, Any] | None = None,
+    model_ref: ModelRef | None = None,
     stats_device: str = "cpu",
     quality: dict[str, Any] | None = None,
 ) -> Sidecar:
@@ -120,9 +123,9 @@ def export_model(
             latent_stats=stats,
             declared_scale=_declared_scale(model),
             parity={**parity, "atol": atol, "batch": parity_batch},
-            checkpoint=checkpoint or {"path": None, "step": None, "sha256": None},
+            model=model_ref or ModelRef(),
             vq=vq,
-            quality=quality,  # held-out figures of the checkpoint (PSNR/SSIM), from training
+            quality=quality,  # held-out figures of the model (PSNR/SSIM), from training
         )
         sidecar_local = write_sidecar(os.path.join(tmp, SIDECAR_NAME), sidecar)
         extra = [os.path.join(tmp, CODEBOOK_NAME)] if vq else []
@@ -155,36 +158,6 @@ def _publish(local_files: list[str], output: str) -> None:
         fs.put_file(path, f"{root.rstrip('/')}/{os.path.basename(path)}")
 
 
-def _checkpoint_step(state_url: str) -> int | None:
-    """Training step recorded in a checkpoint's ``state.pt`` (None if it cannot be read)."""
-    try:
-        if _is_local(state_url):
-            # mmap: only the small "step" entry is touched, not the weights/optimizer state.
-            local = state_url.removeprefix("file://")
-            state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
-        else:
-            with fsspec.open(state_url, "rb") as fh:
-                state = torch.load(fh, map_location="cpu", weights_only=True)
-        return int(state["step"])
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
-        log.warning("could not read training step from %s: %s", state_url, exc)
-        return None
-
-
-def _checkpoint_info(ckpt_dir: str) -> dict[str, Any]:
-    """The sidecar's ``checkpoint`` block: path, training step and sha256 of ``state.pt``.
-
-    The hash pins the exact weights the encoder came from (checkpoint dirs get overwritten or
-    re-uploaded); it streams the file, so remote URLs are not downloaded to disk.
-    """
-    state_url = f"{ckpt_dir.rstrip('/')}/{STATE_FILE}"
-    return {
-        "path": ckpt_dir,
-        "step": _checkpoint_step(state_url),
-        "sha256": file_sha256(state_url),
-    }
-
-
 def _validate(cfg: ExportConfig) -> None:
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"export.device must be 'cpu' or 'cuda', got {cfg.device!r}")
@@ -192,24 +165,28 @@ def _validate(cfg: ExportConfig) -> None:
         raise ValueError("export.atol must be >= 0 and export.parity_batch >= 1")
 
 
-def export_from_checkpoint(cfg: ExportConfig) -> Sidecar:
-    """Load a training checkpoint and export its encoder; returns its sidecar."""
+def export_from_artifact(cfg: ExportConfig) -> Sidecar:
+    """Load a model artifact (see :class:`ExportConfig`) and export its encoder; returns the
+    sidecar, which names the artifact by path and content hash."""
     _validate(cfg)
-    model, run_cfg = load_model(cfg.checkpoint)
-    resolution = int(run_cfg.data.resolution)
-    spec = cfg.scale_shards or str(run_cfg.data.val_shards or "") or str(run_cfg.data.shards)
+    model_dir = resolve_model_dir(cfg.model)
+    if model_dir != cfg.model.rstrip("/"):
+        log.info("exporting the model artifact %s", model_dir)
+    model, _, card = load_model_artifact(model_dir)
+    data = card.provenance.data or {}
+    spec = cfg.scale_shards or str(data.get("val_shards") or "") or str(data.get("shards") or "")
     sidecar = export_model(
         model,
         cfg.output,
-        resolution,
+        card.image.resolution,
         opset=cfg.opset,
         atol=cfg.atol,
         parity_batch=cfg.parity_batch,
         scale_shards=spec,
         scale_samples=cfg.scale_samples,
-        checkpoint=_checkpoint_info(cfg.checkpoint),
+        model_ref=ModelRef(model_dir, artifact_sha256(model_dir), card.provenance.step),
         stats_device=cfg.device,
-        quality=read_eval(cfg.checkpoint),
+        quality=card.quality,
     )
     save_resolved_config(cfg, cfg.output, "export-config.yaml")
     return sidecar

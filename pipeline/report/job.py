@@ -1,13 +1,14 @@
 """`latentpipe report run=DIR`: pictures of a trained model, written into ``{run}/report/``.
 
-Loads a checkpoint (default: the run's newest complete one), encodes validation images
-(``data.val_shards``, else ``data.shards``) and writes PNGs named for what they show, plus
+Loads a model artifact (default: that of the run's newest complete checkpoint), encodes the
+validation images of the data it was trained on (``data.val_shards``, else ``data.shards``, as
+its card records) and writes PNGs named for what they show, plus
 ``report.json`` listing them with one-line captions. Everything is deterministic given
 ``seed``: the images are read in shard order and the only random draws (prior samples) come
 from a seeded generator, so regenerating gives byte-identical files. Works for local paths and
 fsspec URLs alike.
 
-    latentpipe report run=runs/mnist-cvae [checkpoint=...] [images=8] [seed=0]
+    latentpipe report run=runs/mnist-cvae [model=RUN/checkpoint_...] [images=8] [seed=0]
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ import fsspec
 import torch
 from omegaconf import MISSING
 
+from pipeline.artifacts.card import artifact_sha256, checkpoint_of, resolve_model_dir
+from pipeline.artifacts.store import load_model_artifact
 from pipeline.data.images import BadImageError, find_image_field
 from pipeline.data.reader import DataConfig, parse_label, preprocess
 from pipeline.data.tario import TarSample, TruncatedShardError, iter_tar_samples
 from pipeline.data.urls import expand_shard_urls
-from pipeline.models import build_model
+from pipeline.evaluate.quality import run_data
 from pipeline.report import figures
 from pipeline.report.codecs import make_codec
 from pipeline.report.figures import Picture, ValBatch
-from pipeline.train.checkpoint import latest_checkpoint, read_config, read_state
 
 log = logging.getLogger("latentpipe.report")
 
@@ -40,7 +42,8 @@ SCATTER_POINTS = 1000  # validation images read for the 2-D scatter / a conditio
 @dataclass
 class ReportConfig:
     run: str = MISSING  # run directory (train.storage_path/train.run_name), path or URL
-    checkpoint: str = ""  # default: the run's latest complete checkpoint
+    # Model artifact or checkpoint directory; default: the run's newest complete checkpoint.
+    model: str = ""
     images: int = 8  # columns of the image grids
     seed: int = 0  # seeds the prior samples
 
@@ -49,10 +52,8 @@ def make_report(cfg: ReportConfig) -> dict:
     """Write the pictures and report.json into ``{run}/report/``; return report.json's content."""
     if cfg.images < 1:
         raise ValueError(f"images must be >= 1, got {cfg.images}")
-    checkpoint = cfg.checkpoint or latest_checkpoint(cfg.run)
-    if not checkpoint:
-        raise FileNotFoundError(f"no complete checkpoint_* in run directory {cfg.run}")
-    model, data, step = _load(checkpoint)
+    model_dir = resolve_model_dir(cfg.model or cfg.run)
+    model, data, step = _load(model_dir)
     codec = make_codec(model, data.value_range, data.resolution)
     # More images for the 2-D scatter, and for a conditional model to find an interpolation
     # pair of one class; the grids use the first `images` of them.
@@ -64,7 +65,9 @@ def make_report(cfg: ReportConfig) -> dict:
     out_dir = f"{cfg.run.rstrip('/')}/{REPORT_DIR}"
     report = {
         "run": cfg.run,
-        "checkpoint": checkpoint,
+        "model": model_dir,
+        "model_sha256": artifact_sha256(model_dir),
+        "checkpoint": checkpoint_of(model_dir),
         "step": step,
         "model_kind": model_kind(model, codec),
         "seed": cfg.seed,
@@ -95,13 +98,13 @@ def model_kind(model: torch.nn.Module, codec) -> str:
     return type(model).__name__ if codec.kind == "classic" else codec.kind
 
 
-def _load(checkpoint: str) -> tuple[torch.nn.Module, DataConfig, int]:
-    """(model in eval mode, the run's data config, training step); the state is read once."""
-    run_cfg = read_config(checkpoint)
-    state = read_state(checkpoint)
-    model = build_model(run_cfg.model)
-    model.load_state_dict(state["model"])
-    return model.eval(), run_cfg.data, int(state["step"])
+def _load(model_dir: str) -> tuple[torch.nn.Module, DataConfig, int | None]:
+    """(model in eval mode, the data it was trained on, training step) of a model artifact."""
+    model, _, card = load_model_artifact(model_dir)
+    data = run_data(card, model_dir)
+    if data is None:
+        raise ValueError(f"{model_dir} names no training data (an import?): nothing to report on")
+    return model, data, card.provenance.step
 
 
 def read_val_batch(data: DataConfig, limit: int) -> ValBatch:

@@ -1,13 +1,15 @@
 """(c) Decoding: do the latents still stand for their images?
 
-``samples`` seeded random latents are decoded with the autoencoder's checkpoint (by default the
-one the encoder was exported from, hash-checked) and compared with their source images,
+``samples`` seeded random latents are decoded with the autoencoder's model artifact (by default
+the one the encoder was exported from, checked against its content hash) and compared with
+their source images,
 preprocessed exactly as the encode job did (PSNR). The mean must not fall more than
 ``psnr_margin_db`` below the held-out PSNR the encoder's sidecar records: latents that decode to
 noise (a wrong encoder, a broken dtype conversion, shards rewritten with garbage and consistent
 hashes) pass every checksum but not this.
 
-torch is imported only when something is decoded, so verify itself imports without it.
+torch is imported only when something is decoded (``pipeline.artifacts`` resolves its loader
+lazily), so verify itself imports without it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contracts.layout import join_url
+from pipeline import artifacts
+from pipeline.artifacts.card import ArtifactError, artifact_sha256, resolve_model_dir
 from pipeline.contracts.manifest import CorpusError, Manifest, ShardEntry
-from pipeline.contracts.sidecar import CHECKPOINT_STATE_FILE, Sidecar, file_sha256
+from pipeline.contracts.sidecar import Sidecar
 from pipeline.data.images import denormalize
 from pipeline.data.tario import TruncatedShardError
 from pipeline.encode.inputs import image_field, iter_input_samples
@@ -47,12 +50,12 @@ def decode_check(
 ) -> list[float]:
     """PSNR (dB) of ``count`` seeded random latents, decoded, vs their preprocessed source
     images; an empty list when nothing could be decoded (with the reason recorded)."""
-    checkpoint = manifest.sidecar.checkpoint
-    decoder = decoder or checkpoint.get("path") or ""
+    source = manifest.sidecar.model
+    decoder = decoder or source.path or ""
     if not decoder:
-        findings.warn("no decoder: the sidecar names no checkpoint and verify.decoder is empty")
+        findings.warn("no decoder: the sidecar names no model artifact and verify.decoder is empty")
         return []
-    if not _decoder_matches(decoder, checkpoint.get("sha256"), findings):
+    if not _decoder_matches(decoder, source.sha256, findings):
         return []
     model = load_decoder(decoder)
     picks = pick_samples(entries, count, seed)
@@ -91,29 +94,24 @@ def check_quality(
         )
 
 
-def load_decoder(checkpoint: str) -> Any:
-    """The autoencoder of a latentpipe checkpoint, in eval mode."""
-    # torch (through the training checkpoint code) only when decoding: verify imports without it.
-    from pipeline.train.checkpoint import load_model
-
-    model, _ = load_model(checkpoint)
-    return model.eval()
+def load_decoder(path: str) -> Any:
+    """The autoencoder of a model artifact (or checkpoint) directory, in eval mode."""
+    return artifacts.load_model_artifact(path)[0]
 
 
 def _decoder_matches(decoder: str, expected: str | None, findings: Findings) -> bool:
-    """The decoder is the checkpoint the encoder was exported from (when the sidecar says)."""
-    if not expected:
-        return True
-    state = join_url(decoder, CHECKPOINT_STATE_FILE)
+    """The decoder is a model artifact, and the one the encoder was exported from (when the
+    sidecar records its content hash)."""
     try:
-        actual = file_sha256(state)
-    except FileNotFoundError:
-        findings.error(f"decoder checkpoint {state} not found")
+        directory = resolve_model_dir(decoder)
+        actual = artifact_sha256(directory) if expected else None
+    except (FileNotFoundError, ArtifactError) as e:
+        findings.error(f"decoder: {e}")
         return False
-    if actual != expected:
+    if expected and actual != expected:
         findings.error(
-            f"sha256 of {state} is {actual}, the encoder sidecar records {expected}: "
-            "this is not the checkpoint the encoder was exported from"
+            f"content hash of model artifact {directory} is {actual}, the encoder sidecar "
+            f"records {expected}: this is not the model the encoder was exported from"
         )
         return False
     return True

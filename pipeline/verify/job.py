@@ -45,7 +45,7 @@ REPORT_FILE = "verify.json"
 @dataclass
 class VerifyConfig:
     output: str = MISSING  # the latent corpus directory (local path or fsspec URL)
-    decoder: str = ""  # autoencoder checkpoint dir; "" = the encoder sidecar's checkpoint.path
+    decoder: str = ""  # model artifact (or checkpoint) dir; "" = the encoder sidecar's model.path
     samples: int = 16  # latents decoded and compared with their source images; 0 skips
     seed: int = 0  # which latents are decoded
     check_input: bool = True  # read the input shards to check every key is decided once

@@ -24,8 +24,9 @@ def demo_summary(tmp_path_factory) -> dict:
 
 
 def test_summary_reports_codebook_usage_and_perplexity(demo_summary):
-    for key in ("checkpoint", "onnx", "sidecar", "latents", "manifest", "report", "grid"):
+    for key in ("checkpoint", "model", "onnx", "sidecar", "latents", "manifest", "report"):
         assert Path(demo_summary[key]).exists(), key
+    assert (Path(demo_summary["model"]) / "latentpipe.json").exists()  # the model artifact
     assert demo_summary["model_kind"] == "vq" and demo_summary["rejects"] == 0
     assert demo_summary["psnr_db"] > 10
     book = demo_summary["codebook"]

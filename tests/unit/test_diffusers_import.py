@@ -13,16 +13,16 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from pipeline.artifacts import artifact_sha256, load_model_artifact, read_card  # noqa: E402
+from pipeline.artifacts.diffusers_format import model_config_from_diffusers  # noqa: E402
 from pipeline.encode.finalize import manifest_scale  # noqa: E402
 from pipeline.encode.session import make_session  # noqa: E402
-from pipeline.export import ExportConfig, export_from_checkpoint, load_sidecar  # noqa: E402
+from pipeline.export import ExportConfig, export_from_artifact, load_sidecar  # noqa: E402
 from pipeline.importers.diffusers import (  # noqa: E402
     ImportConfig,
     import_diffusers,
     load_diffusers_autoencoder,
-    model_config_from_diffusers,
 )
-from pipeline.train.checkpoint import load_model  # noqa: E402
 
 RES = 32
 BASE = dict(
@@ -79,7 +79,7 @@ def assert_same_outputs(vae, model, atol=1e-5):
 def test_outputs_match_diffusers(variant, tmp_path):
     vae = make_vae(**VARIANTS[variant])
     vae.save_pretrained(str(tmp_path))
-    model, info = load_diffusers_autoencoder(str(tmp_path))
+    model, _, info = load_diffusers_autoencoder(str(tmp_path))
     assert info["weights"] == "diffusion_pytorch_model.safetensors"
     assert_same_outputs(vae, model)
 
@@ -119,24 +119,37 @@ def test_old_attention_names_from_weights_only_bin(saved, tmp_path):
     vae, src = saved
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     torch.save(_old_format(vae.state_dict()), tmp_path / "diffusion_pytorch_model.bin")
-    model, info = load_diffusers_autoencoder(str(tmp_path))
+    model, _, info = load_diffusers_autoencoder(str(tmp_path))
     assert info["weights"] == "diffusion_pytorch_model.bin"
     assert_same_outputs(vae, model)
 
 
 def test_import_export_ort_chain(saved, tmp_path):
     vae, src = saved
-    ckpt = tmp_path / "ckpt"
-    summary = import_diffusers(ImportConfig(source=str(src), output=str(ckpt), resolution=RES))
+    artifact = tmp_path / "sd-vae"
+    summary = import_diffusers(ImportConfig(source=str(src), output=str(artifact), resolution=RES))
     assert summary["scaling_factor"] == 0.5 and summary["parameters"] > 0
-    model, run_cfg = load_model(str(ckpt))
-    assert run_cfg.data.resolution == RES and run_cfg.model.scaling_factor == 0.5
+    assert summary["model_sha256"] == artifact_sha256(str(artifact))
+    # A model artifact, not a training checkpoint: no optimiser, no training state.
+    assert sorted(p.name for p in artifact.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "latentpipe.json",
+    ]
+    card = read_card(str(artifact))
+    assert card.image.resolution == RES and card.provenance.source["weights_sha256"]
+    assert card.provenance.run is None and card.provenance.step is None
+    model, model_cfg, _ = load_model_artifact(str(artifact))
+    assert model_cfg.scaling_factor == 0.5
     assert_same_outputs(vae, model)
+    reloaded = diffusers.AutoencoderKL.from_pretrained(str(artifact))  # still diffusers'
+    assert reloaded.config.scaling_factor == 0.5 and reloaded.config.shift_factor == 0.1
 
     out = tmp_path / "enc"
-    sidecar = export_from_checkpoint(ExportConfig(checkpoint=str(ckpt), output=str(out)))
+    sidecar = export_from_artifact(ExportConfig(model=str(artifact), output=str(out)))
     assert sidecar.scaling_factor == 0.5 and sidecar.shift_factor == 0.1
-    assert sidecar.scaling_source == "checkpoint" and sidecar.checkpoint["step"] == 0
+    assert sidecar.scaling_source == "checkpoint" and sidecar.model.step is None
+    assert sidecar.model.sha256 == summary["model_sha256"]
     assert load_sidecar(str(out / "encoder.onnx")).latent_shape == [4, RES // 2, RES // 2]
     x = np.random.default_rng(0).uniform(-1, 1, (3, 3, RES, RES)).astype(np.float32)
     mean, logvar = make_session(str(out / "encoder.onnx"), device="cpu").run(None, {"image": x})
@@ -151,8 +164,17 @@ def test_import_export_ort_chain(saved, tmp_path):
     data_sidecar = dataclasses.replace(sidecar, scaling_source="data")
     corpus = {"scaling_factor": 0.5, "shift_factor": 0.3, "scaling_source": "corpus"}
     assert manifest_scale(measured, data_sidecar) == corpus
-    with pytest.raises(ValueError, match="already holds a checkpoint"):
-        import_diffusers(ImportConfig(source=str(src), output=str(ckpt)))
+    with pytest.raises(ValueError, match="already holds a model artifact"):
+        import_diffusers(ImportConfig(source=str(src), output=str(artifact)))
+
+
+def test_export_reads_a_directory_diffusers_saved(saved, tmp_path):
+    """export model=DIR of AutoencoderKL.save_pretrained: published factors, pinned by hash."""
+    vae, src = saved
+    sidecar = export_from_artifact(ExportConfig(model=str(src), output=str(tmp_path)))
+    assert (sidecar.scaling_factor, sidecar.scaling_source) == (0.5, "checkpoint")
+    assert sidecar.model.path == str(src) and sidecar.model.sha256 == artifact_sha256(str(src))
+    assert sidecar.input.resolution == RES  # the config's sample_size
 
 
 def _copy_with(src, dst, state: dict) -> None:

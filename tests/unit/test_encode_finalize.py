@@ -134,7 +134,7 @@ def _inputs(output: str, units: int) -> FinalizeInputs:
         latent_channels=CHANNELS,
         latent_stats={"mean": 0.0, "std": 1.0, "samples": 0, "source": ""},
         parity={},
-        checkpoint={},
+        model={},
     )
     cfg = EncodeConfig(
         input="memory://finalize-inputs", output=output, encoder="memory://enc/encoder.onnx"

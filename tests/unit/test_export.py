@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -105,7 +106,7 @@ def test_sidecar_contents(exported):
     assert loaded == sidecar
     raw = json.loads((out / "encoder.json").read_text())
     assert raw == sidecar.to_dict() and list(raw)[:3] == ["format", "format_version", "model_kind"]
-    assert raw["format"] == "latentpipe.encoder" and raw["format_version"] == 1
+    assert raw["format"] == "latentpipe.encoder" and raw["format_version"] == 2
     spec = loaded.input
     assert spec.shape == [None, 3, None, None] and spec.resolution == RES
     assert spec.spatial == "dynamic" and spec.size_multiple == 4
@@ -118,7 +119,7 @@ def test_sidecar_contents(exported):
     assert parity["non_square"]["height"] == RES and parity["non_square"]["width"] == RES + 8
     assert parity["non_square"]["max_abs_diff"] <= parity["atol"]
     assert loaded.scaling_factor == 1.0 and loaded.latent_stats["samples"] == 0
-    assert loaded.checkpoint == {"path": None, "step": None, "sha256": None}
+    assert raw["model"] == {"path": None, "sha256": None, "step": None}  # no artifact named
     assert loaded.quality is None and loaded.quality_psnr_db() is None
 
 
@@ -162,7 +163,9 @@ def test_older_sidecar_is_fixed_size(exported):
         (lambda d: d.update(latent_shape=[4, 4]), "'latent_shape' must be a list of 3 integers"),
         (lambda d: d.update(model_kind="gan"), "'model_kind' must be one of ['kl', 'vq']"),
         (lambda d: d.update(quality=[1]), "field 'quality' must be a JSON object"),
-        (lambda d: d.update(format_version=2), "unsupported 'format_version' 2"),
+        (lambda d: d.update(format_version=3), "unsupported 'format_version' 3"),
+        (lambda d: d["model"].update(step=-1), "field 'model.step' must be an integer >= 0"),
+        (lambda d: d.pop("model"), "missing required field 'model'"),
     ],
 )
 def test_sidecar_fields_are_validated_on_load(exported, edit, message):
@@ -303,40 +306,72 @@ def _png(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def test_export_from_checkpoint(model, tmp_path):
-    """Full path: checkpoint dir -> encoder.onnx + encoder.json with stats from val shards."""
-    ckpt = pytest.importorskip("pipeline.train.checkpoint")
-    pytest.importorskip("pipeline.data.reader")
+def _trained_artifact(model, directory, step: int, data: dict):
+    """``model`` saved as training saves one (its run's data config in the card)."""
+    from pipeline.artifacts import ImageSpec, Provenance, save_model_artifact
+
+    image = ImageSpec(channels=3, value_range="signed", resolution=RES)
+    provenance = Provenance(run="runs/r", step=step, data=data)
+    return save_model_artifact(
+        str(directory), model, model.config, image=image, provenance=provenance
+    )
+
+
+def test_export_from_a_checkpoints_model_artifact(model, tmp_path):
+    """Full path: checkpoint dir -> its model/ -> encoder.onnx + encoder.json with stats from the
+    shards the card names; the sidecar names the artifact by path and content hash."""
+    from pipeline.artifacts import artifact_sha256
     from pipeline.data.tario import TarShardWriter
-    from pipeline.export import ExportConfig, export_from_checkpoint, file_sha256
-    from pipeline.train.config import TrainRunConfig
+    from pipeline.export import ExportConfig, export_from_artifact
 
     rng = np.random.default_rng(0)
     shard_dir = str(tmp_path / "val")
     with TarShardWriter(shard_dir, prefix="val", max_samples=3) as writer:
         for i in range(5):
             writer.write(f"img{i}", {"png": _png(rng, 24)})
-    run_cfg = TrainRunConfig()
-    run_cfg.model = model.config
-    run_cfg.data.shards = shard_dir
-    run_cfg.data.resolution = RES
     ckpt_dir = tmp_path / "ckpt"
-    ckpt_dir.mkdir()
-    opt = torch.optim.Adam(model.parameters())
-    ckpt.write_checkpoint(str(ckpt_dir), model, opt, 7, run_cfg)
+    _trained_artifact(model, ckpt_dir / "model", 7, {"shards": shard_dir, "val_shards": ""})
 
     out = tmp_path / "export"
-    cfg = ExportConfig(checkpoint=str(ckpt_dir), output=str(out), parity_batch=2, scale_samples=4)
-    sidecar = export_from_checkpoint(cfg)
+    cfg = ExportConfig(model=str(ckpt_dir), output=str(out), parity_batch=2, scale_samples=4)
+    sidecar = export_from_artifact(cfg)
     assert sorted(os.listdir(out)) == ["encoder.json", "encoder.onnx", "export-config.yaml"]
     assert "parity_batch: 2" in (out / "export-config.yaml").read_text()
     assert load_sidecar(str(out / "encoder.onnx")) == sidecar
-    state_sha = file_sha256(str(ckpt_dir / "state.pt"))
-    assert sidecar.checkpoint == {"path": str(ckpt_dir), "step": 7, "sha256": state_sha}
+    model_dir = str(ckpt_dir / "model")
+    assert sidecar.model.to_dict() == {
+        "path": model_dir,
+        "sha256": artifact_sha256(model_dir),
+        "step": 7,
+    }
     stats = sidecar.latent_stats
     assert stats["samples"] == 4 and stats["source"] == shard_dir
     assert sidecar.scaling_factor == pytest.approx(1.0 / stats["std"])
     assert sidecar.shift_factor == pytest.approx(stats["mean"])
+    assert export_from_artifact(dataclasses.replace(cfg, model=model_dir)).model == sidecar.model
+
+
+def test_export_from_a_run_directory_takes_its_newest_checkpoint(model, tmp_path):
+    """model=RUN_DIR (what a job chain knows before training ends) exports the newest
+    complete checkpoint_*; one cut short is passed over; a directory without any is refused,
+    naming it."""
+    from pipeline.export import ExportConfig, export_from_artifact
+
+    run = tmp_path / "run"
+    for step in (3, 7, 9):
+        _trained_artifact(model, run / f"checkpoint_{step:08d}" / "model", step, {"shards": ""})
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's, not a checkpoint
+    weights = run / "checkpoint_00000009" / "model" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an upload cut short
+
+    cfg = ExportConfig(model=str(run), output=str(tmp_path / "out"), scale_samples=0)
+    sidecar = export_from_artifact(cfg)
+    assert sidecar.model.path == str(run / "checkpoint_00000007" / "model")
+    assert sidecar.model.step == 7
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(empty))):
+        export_from_artifact(ExportConfig(model=str(empty), output=str(tmp_path / "o2")))
 
 
 def test_export_config_is_structured():
@@ -344,7 +379,7 @@ def test_export_config_is_structured():
 
     from pipeline.export import ExportConfig
 
-    cfg = OmegaConf.merge(OmegaConf.structured(ExportConfig), {"checkpoint": "c", "output": "o"})
+    cfg = OmegaConf.merge(OmegaConf.structured(ExportConfig), {"model": "c", "output": "o"})
     assert OmegaConf.to_object(cfg).opset == 17
 
 

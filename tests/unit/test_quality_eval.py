@@ -6,9 +6,10 @@ import fsspec
 import pytest
 import torch
 
+from pipeline.artifacts import read_card
 from pipeline.config import load_config
 from pipeline.evaluate.quality import codebook_health, read_eval, reconstruction_metrics
-from pipeline.export import ExportConfig, export_from_checkpoint
+from pipeline.export import ExportConfig, export_from_artifact
 from pipeline.train.config import TrainRunConfig
 from pipeline.train.run import train
 from tests.conftest import TINY_TRAIN
@@ -76,12 +77,23 @@ def test_kl_run_reports_psnr_ssim_and_export_copies_them(sample_corpus):
         .splitlines()[-1]
     )
     assert json.loads(last) == {"step": 2, "eval": figures}
-    sidecar = export_from_checkpoint(
-        ExportConfig(
-            checkpoint=result["checkpoint"], output="memory://eval-export", scale_samples=8
+    # The model artifact carries the figures and the latent scale measured in the same pass;
+    # its diffusers config.json has those factors.
+    card = read_card(f"{result['checkpoint']}/model")
+    assert card.quality == figures and card.latent_scale.source == "measured"
+    assert card.latent_scale.samples == 16 and card.latent_scale.data == sample_corpus["val"]
+    config = json.loads(
+        fsspec.filesystem("memory").cat_file(
+            f"{result['checkpoint'].removeprefix('memory://')}/model/config.json"
         )
     )
+    assert config["scaling_factor"] == card.latent_scale.scaling_factor > 0
+    assert config["shift_factor"] == card.latent_scale.shift_factor
+    sidecar = export_from_artifact(
+        ExportConfig(model=result["checkpoint"], output="memory://eval-export", scale_samples=8)
+    )
     assert sidecar.quality == figures and sidecar.quality_psnr_db() == figures["psnr_db"]
+    assert sidecar.scaling_source == "data"  # export measures its own (scale_shards) as before
 
 
 def test_textbook_vae_reports_nats_iwae_and_bits_per_dim(mnist_shards):

@@ -143,10 +143,12 @@ def test_conditional_2d_vae_report(cvae_run):
     _check_listed_and_reproducible(cvae_run, report, {*geometry, "latent_scatter.png"})
 
 
-def test_explicit_checkpoint_and_missing_run(kl_run, tmp_path):
+def test_explicit_model_and_missing_run(kl_run, tmp_path):
     checkpoint = f"{kl_run}/checkpoint_00000002"
-    assert make_report(ReportConfig(run=kl_run, checkpoint=checkpoint, images=2))["step"] == 2
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    report = make_report(ReportConfig(run=kl_run, model=checkpoint, images=2))
+    assert report["step"] == 2 and report["model"] == f"{checkpoint}/model"
+    assert make_report(ReportConfig(run=kl_run, model=f"{checkpoint}/model", images=2)) == report
+    with pytest.raises(FileNotFoundError, match="nor a complete checkpoint"):
         make_report(ReportConfig(run=str(tmp_path)))
 
 

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.artifacts import artifact_sha256
 from pipeline.cli import main
-from pipeline.contracts.sidecar import CHECKPOINT_STATE_FILE, file_sha256
 from pipeline.data.images import normalize
 from pipeline.encode.preprocess import PreprocessConfig, prepare_image
 from pipeline.latents.format import join_url, write_bytes_atomic
 from pipeline.models import ModelConfig, build_model
-from pipeline.train.checkpoint import STATE_FILE
 from pipeline.verify import VerifyConfig, psnr_db, verify_corpus
 from tests.latent_corpus import (
     Sample,
@@ -32,8 +31,8 @@ from tests.latent_corpus import (
     rewrite_shard,
     smooth_image,
     tamper,
-    write_checkpoint_dir,
     write_corpus,
+    write_model_artifact,
     write_tar,
 )
 
@@ -57,15 +56,15 @@ def overfit(model, images: list[bytes], steps: int) -> None:
 
 @pytest.fixture(scope="module")
 def autoencoder(tmp_path_factory):
-    """(model, checkpoint dir, sidecar checkpoint record) of a tiny f2 KL model fitted to the
-    test images in a few dozen steps."""
+    """(model, model artifact dir, the sidecar's record of it) of a tiny f2 KL model fitted to
+    the test images in a few dozen steps."""
     torch.manual_seed(0)
     cfg = ModelConfig(ch=8, ch_mult=[1, 2], z_channels=4, groups=4, num_res_blocks=1)
     model = build_model(cfg)
     overfit(model, IMAGES, TRAIN_STEPS)
     model.eval()
-    directory = write_checkpoint_dir(str(tmp_path_factory.mktemp("ckpt")), model, cfg)
-    record = {"path": directory, "step": 0, "sha256": file_sha256(join_url(directory, STATE_FILE))}
+    directory = write_model_artifact(str(tmp_path_factory.mktemp("model")), model, cfg)
+    record = {"path": directory, "sha256": artifact_sha256(directory), "step": 0}
     return model, directory, record
 
 
@@ -81,7 +80,7 @@ def encoded(autoencoder, tmp_path_factory):
     return inputs, units, preprocess
 
 
-def build(directory: str, encoded, checkpoint: dict, edit=None, quality=None, **options):
+def build(directory: str, encoded, model_ref: dict, edit=None, quality=None, **options):
     """Write the encoded corpus into ``directory``; ``edit(units, rejects)`` may break it.
     ``quality`` is what the encoder's sidecar records of the autoencoder's held-out figures."""
     inputs, units, preprocess = encoded
@@ -95,7 +94,7 @@ def build(directory: str, encoded, checkpoint: dict, edit=None, quality=None, **
         dtype="float32",
         inputs=inputs,
         rejects=rejects,
-        sidecar=kl_sidecar(checkpoint, quality=quality),
+        sidecar=kl_sidecar(model_ref, quality=quality),
         preprocess=preprocess,
         **options,
     )
@@ -180,19 +179,22 @@ def test_keyless_reject_needs_a_damaged_shard(tmp_path, encoded, autoencoder):
     assert len(report["errors"]) == 1
 
 
-def test_decoder_must_be_the_encoders_checkpoint(tmp_path, encoded, autoencoder):
+def test_decoder_must_be_the_encoders_model(tmp_path, encoded, autoencoder):
     record = dict(autoencoder[2], sha256="0" * 64)
-    build(str(tmp_path), encoded, record)
-    report = verify_corpus(VerifyConfig(output=str(tmp_path), samples=2))
+    build(str(tmp_path / "a"), encoded, record)
+    report = verify_corpus(VerifyConfig(output=str(tmp_path / "a"), samples=2))
     assert not report["ok"] and report["decoded"] == 0
-    assert any("not the checkpoint the encoder was exported from" in e for e in report["errors"])
+    assert any("not the model the encoder was exported from" in e for e in report["errors"])
+    build(str(tmp_path / "b"), encoded, dict(autoencoder[2], path=str(tmp_path / "gone")))
+    report = verify_corpus(VerifyConfig(output=str(tmp_path / "b"), samples=2))
+    assert any("decoder:" in e and "is not a model artifact" in e for e in report["errors"])
 
 
 def test_explicit_decoder_and_skipped_input_check(tmp_path, encoded, autoencoder):
-    _, checkpoint, _ = autoencoder
-    build(str(tmp_path), encoded, {"path": "", "step": 0, "sha256": None})
+    _, model_dir, _ = autoencoder
+    build(str(tmp_path), encoded, {"path": "", "sha256": None, "step": 0})
     report = verify_corpus(
-        VerifyConfig(output=str(tmp_path), decoder=checkpoint, samples=10, check_input=False)
+        VerifyConfig(output=str(tmp_path), decoder=model_dir, samples=10, check_input=False)
     )
     assert report["ok"], report["errors"]
     assert report["decoded"] == 5 and report["input_keys"] is None
@@ -213,10 +215,6 @@ def test_cli_exits_1_when_a_check_fails(tmp_path, encoded, autoencoder, capsys):
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["verify", f"output={bad}", "samples=0"]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
-
-
-def test_checkpoint_state_file_is_the_trainers():
-    assert CHECKPOINT_STATE_FILE == STATE_FILE
 
 
 # ----------------------------------------------------------------------------- stored values
