@@ -1,9 +1,16 @@
-"""Checkpoint directories: everything needed to continue a run, loadable without pickle.
+"""Checkpoint directories: the model artifact plus everything needed to continue a run.
 
-    <dir>/state.pt     {"model", "optimizer", "step"} (+ "disc", "disc_optimizer" with the
-                       adversarial loss) saved with torch.save, loaded weights_only
-    <dir>/config.yaml  the resolved training config (data, model, loss, train)
+    <dir>/model/              the model artifact (pipeline.artifacts): inference weights as
+                              safetensors + latentpipe.json (run, step, data) + for KL (and l2
+                              VQ) models diffusers' config.json; what export, evaluation, the
+                              report, verify and the demo read
+    <dir>/training_state.pt   {"optimizer", "step", "model_buffers"} (+ "disc",
+                              "disc_optimizer" with the adversarial loss), torch.save'd and
+                              loaded weights_only; "model_buffers" are the buffers only training
+                              reads (a VQ codebook's EMA statistics and re-seeding pool)
+    <dir>/config.yaml         the resolved training config (data, model, loss, train)
 
+Training state is read only here, by the trainer: everything else loads ``<dir>/model``.
 RNG streams are not stored: every rank reseeds from (seed, rank, step) when it starts, so a
 resumed run is as deterministic as an uninterrupted one without carrying per-rank state.
 """
@@ -18,14 +25,22 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.artifacts.card import CHECKPOINT_MODEL_DIR, ImageSpec, Provenance, join
+from pipeline.artifacts.store import (
+    config_dict,
+    inference_state,
+    load_model_artifact,
+    save_model_artifact,
+)
 from pipeline.config import load_yaml_as, save_resolved_config
-from pipeline.models import build_model
-from pipeline.train.config import TrainRunConfig
+from pipeline.models import training_buffers
+from pipeline.train.config import TrainRunConfig, run_dir
 
 log = logging.getLogger("latentpipe.train")
 
-STATE_FILE = "state.pt"
+STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
+MODEL_DIR = CHECKPOINT_MODEL_DIR
 
 
 def write_checkpoint(
@@ -33,19 +48,48 @@ def write_checkpoint(
 ) -> None:
     """Write a checkpoint into a local directory (Ray Train uploads it to storage).
 
-    `extra` holds further stateful parts by name (e.g. "disc", "disc_optimizer"): anything
-    with a `state_dict()`.
+    `model` is the bare model (not a DDP wrapper). `extra` holds further stateful parts by
+    name (e.g. "disc", "disc_optimizer"): anything with a `state_dict()`.
     """
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    save_model_artifact(
+        os.path.join(directory, MODEL_DIR),
+        model,
+        cfg.model,
+        image=ImageSpec(cfg.data.channels, str(cfg.data.value_range), cfg.data.resolution),
+        provenance=Provenance(run=run_dir(cfg.train), step=step, data=config_dict(cfg.data)),
+    )
+    buffers = set(training_buffers(model))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "model_buffers": {k: v for k, v in model.state_dict().items() if k in buffers},
+    }
     state.update({name: part.state_dict() for name, part in (extra or {}).items()})
     torch.save(state, os.path.join(directory, STATE_FILE))
     save_resolved_config(cfg, directory, CONFIG_FILE)
 
 
 def read_state(directory: str) -> dict:
-    """Load a checkpoint's state dict (local path or fsspec URL), refusing pickled objects."""
+    """A checkpoint's training state (local path or fsspec URL), refusing pickled objects,
+    with "model" the model's whole state dict: the artifact's weights (hash-checked) plus the
+    training-only buffers kept beside it."""
     with _local_copy(directory, STATE_FILE) as path:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model, _, _ = load_model_artifact(join(directory, MODEL_DIR))
+    state["model"] = {**inference_state(model), **state.pop("model_buffers")}
+    return state
+
+
+def put_tree(fs, local_dir: str, target: str) -> None:
+    """Copy a checkpoint built in ``local_dir`` (files and the model/ subdirectory) to
+    ``target`` on ``fs``, file by file in name order; a retry overwrites a partial copy."""
+    for parent, dirs, files in os.walk(local_dir):
+        dirs.sort()
+        rel = os.path.relpath(parent, local_dir)
+        remote = target if rel == "." else f"{target}/{rel.replace(os.sep, '/')}"
+        fs.makedirs(remote, exist_ok=True)
+        for name in sorted(files):
+            fs.put_file(os.path.join(parent, name), f"{remote}/{name}")
 
 
 def read_config(directory: str) -> TrainRunConfig:
@@ -53,8 +97,9 @@ def read_config(directory: str) -> TrainRunConfig:
         return load_yaml_as(TrainRunConfig, path)
 
 
-def latest_checkpoint(run_directory: str) -> str | None:
-    """The newest `checkpoint_*` of a run whose state.pt loads (a URL or path), else None.
+def latest_checkpoint(run_directory: str, newer_than: str = "") -> str | None:
+    """The newest `checkpoint_*` of a run whose state loads (a URL or path), else None;
+    with `newer_than` (a checkpoint name), only one whose name sorts after it.
 
     Names sort oldest to newest (Ray: checkpoint_<timestamp>; one process: checkpoint_<step>).
     A copy cut short by a crash does not load and is skipped, so a run killed at any moment
@@ -67,7 +112,7 @@ def latest_checkpoint(run_directory: str) -> str | None:
     names = sorted(
         (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)), reverse=True
     )
-    for name in (n for n in names if n.startswith("checkpoint_")):
+    for name in (n for n in names if n.startswith("checkpoint_") and n > newer_than):
         candidate = f"{run_directory.rstrip('/')}/{name}"
         try:
             read_state(candidate)
@@ -75,14 +120,6 @@ def latest_checkpoint(run_directory: str) -> str | None:
         except Exception as err:  # noqa: BLE001 - truncated zip, missing file: any is "incomplete"
             log.warning("skipping incomplete checkpoint %s: %s", candidate, err)
     return None
-
-
-def load_model(directory: str) -> tuple[torch.nn.Module, TrainRunConfig]:
-    """The trained model of a checkpoint, in eval mode, with the config it was trained with."""
-    cfg = read_config(directory)
-    model = build_model(cfg.model)
-    model.load_state_dict(read_state(directory)["model"])
-    return model.eval(), cfg
 
 
 class _local_copy:

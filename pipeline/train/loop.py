@@ -21,7 +21,7 @@ from pipeline.data.reader import make_loader
 from pipeline.models import build_model
 from pipeline.models.adversarial import adversarial_enabled, discriminator_lr
 from pipeline.models.discriminator import build_discriminator
-from pipeline.train.checkpoint import read_state
+from pipeline.train.checkpoint import read_state, write_checkpoint
 from pipeline.train.config import TrainRunConfig, run_dir
 from pipeline.train.step import Adversary, MetricMeter, make_optimizer, train_step
 
@@ -43,8 +43,6 @@ class WorkerContext:
 
 def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
     """Train until cfg.train.steps, logging and checkpointing; returns the last metrics."""
-    from pipeline.train.checkpoint import write_checkpoint
-
     torch.manual_seed(cfg.train.seed)  # initial weights depend on the seed only, on every rank
     model = build_model(cfg.model).to(ctx.device)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)

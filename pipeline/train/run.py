@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 
 import fsspec
@@ -18,9 +17,11 @@ from omegaconf import OmegaConf
 
 from pipeline.config import save_resolved_config, to_dict
 from pipeline.data.urls import absolute_spec, expand_shard_urls
-from pipeline.train.checkpoint import latest_checkpoint, read_state
+from pipeline.evaluate.quality import evaluate_checkpoint
+from pipeline.raysetup import init_ray
+from pipeline.train.checkpoint import latest_checkpoint, put_tree, read_state
 from pipeline.train.config import TrainRunConfig, run_dir
-from pipeline.train.loop import WorkerContext, check_run_config, run_loop
+from pipeline.train.loop import MetricsLog, WorkerContext, check_run_config, run_loop
 
 log = logging.getLogger("latentpipe.train")
 
@@ -47,9 +48,6 @@ def train(cfg: TrainRunConfig) -> dict:
 
 def _evaluate(checkpoint: str, cfg: TrainRunConfig, directory: str) -> dict | None:
     """Held-out figures of the final checkpoint, also appended to the run's metrics.jsonl."""
-    from pipeline.evaluate.quality import evaluate_checkpoint
-    from pipeline.train.loop import MetricsLog
-
     figures = evaluate_checkpoint(checkpoint, cfg.train.eval_images, cfg.train.iwae_k)
     if figures is not None:
         step = read_state(checkpoint)["step"]
@@ -82,8 +80,6 @@ def _check_storage(cfg: TrainRunConfig) -> None:
 def _fit_with_ray(cfg: TrainRunConfig) -> tuple[dict, str | None]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipeline.raysetup import init_ray
 
     init_ray()
     trainer = TorchTrainer(
@@ -178,9 +174,7 @@ def _save_numbered_checkpoint(directory: str, step: int, write) -> None:
     target = f"{root}/checkpoint_{step:08d}"
     with tempfile.TemporaryDirectory() as tmp:
         write(tmp)
-        fs.makedirs(target, exist_ok=True)
-        for name in sorted(os.listdir(tmp)):
-            fs.put_file(os.path.join(tmp, name), f"{target}/{name}")
+        put_tree(fs, tmp, target)  # the files and the model/ artifact
     log.info("checkpoint written: %s", target)
 
 

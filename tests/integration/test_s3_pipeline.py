@@ -45,17 +45,19 @@ def test_train_export_encode_on_s3(s3_server, sample_corpus):
         "train.num_workers=2",
         "train.checkpoint_every=4",
     )
-    checkpoints = fs.glob(f"{bucket}/runs/s3run/checkpoint_*/state.pt")
+    checkpoints = fs.glob(f"{bucket}/runs/s3run/checkpoint_*/training_state.pt")
     assert checkpoints, fs.find(f"{bucket}/runs")
     assert fs.exists(f"{bucket}/runs/s3run/config.yaml")
     assert fs.exists(f"{bucket}/runs/s3run/metrics.jsonl")
     checkpoint = "s3://" + checkpoints[-1].rsplit("/", 1)[0]
+    assert fs.exists(f"{checkpoint}/model/latentpipe.json")  # Ray uploaded the artifact too
 
     encoders = f"s3://{bucket}/encoders/tiny"
-    _cli("export", f"checkpoint={checkpoint}", f"output={encoders}", "scale_samples=16")
+    _cli("export", f"model={checkpoint}", f"output={encoders}", "scale_samples=16")
     where = f"{encoders}/encoder.json"
     sidecar = Sidecar.from_dict(json.loads(fs.cat_file(where)), where)
-    assert sidecar.checkpoint["step"] == 4 and sidecar.latent_shape == [4, 8, 8]
+    assert sidecar.model.step == 4 and sidecar.latent_shape == [4, 8, 8]
+    assert sidecar.model.path == f"{checkpoint}/model" and sidecar.model.sha256
 
     latents = f"s3://{bucket}/latents/train"
     _cli("encode", f"input={shards}", f"output={latents}", f"encoder={encoders}/encoder.onnx")

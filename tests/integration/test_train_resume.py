@@ -36,7 +36,7 @@ def _train_cmd(shards: str, storage: Path, steps: int) -> list[str]:
 
 def _checkpoint_steps(run: Path) -> list[int]:
     steps = []
-    for state in run.glob("checkpoint_*/state.pt"):
+    for state in run.glob("checkpoint_*/training_state.pt"):
         try:
             steps.append(read_state(str(state.parent))["step"])
         except Exception:  # a checkpoint still being copied in

@@ -6,9 +6,10 @@ import fsspec
 import pytest
 import torch
 
+from pipeline.artifacts import load_model_artifact, read_card
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.losses import LossConfig
-from pipeline.train.checkpoint import latest_checkpoint, load_model, read_state
+from pipeline.train.checkpoint import latest_checkpoint, read_config, read_state
 from pipeline.train.run import train
 from pipeline.train.step import MetricMeter, make_optimizer, train_step
 from tests.conftest import TINY_TRAIN
@@ -69,8 +70,21 @@ def test_single_process_run_without_ray_resumes(tiny_shards, tmp_path):
     lines = fs.cat_file("/single-process-runs/solo/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]
     assert fs.exists("/single-process-runs/solo/config.yaml")
-    model, cfg = load_model(second["checkpoint"])
-    assert cfg.train.steps == 6 and not model.training
+    # A checkpoint: the model artifact, the training state beside it, the resolved config.
+    checkpoint = second["checkpoint"].removeprefix("memory://")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(checkpoint, detail=False)) == [
+        "config.yaml",
+        "model",
+        "training_state.pt",
+    ]
+    assert read_config(second["checkpoint"]).train.steps == 6
+    model, model_cfg, card = load_model_artifact(second["checkpoint"])
+    assert model_cfg == read_config(second["checkpoint"]).model and not model.training
+    assert (card.provenance.step, card.provenance.run) == (6, f"{storage}/solo")
+    assert card.provenance.data["shards"] == tiny_shards and card.image.resolution == 32
+    state = read_state(second["checkpoint"])
+    assert set(state) == {"model", "optimizer", "step"}  # no discriminator in this run
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
 
 
 def test_vq_model_trains_through_the_same_loop_and_logs_codebook_health(tiny_shards):
@@ -98,8 +112,12 @@ def test_vq_model_trains_through_the_same_loop_and_logs_codebook_health(tiny_sha
     last = json.loads(lines[-1])
     assert last["step"] == 8 and {"vq", "usage", "perplexity", "recon"} <= set(last)
     assert 0 < last["usage"] <= 1 and last["perplexity"] >= 1
-    model, cfg = load_model(result["checkpoint"])
-    assert cfg.model.kind == "vq" and bool(model.quantize.initialised)
+    # The artifact ships the codebook; its training statistics stay in the training state.
+    model, model_cfg, _ = load_model_artifact(result["checkpoint"])
+    assert model_cfg.kind == "vq"
+    state = read_state(result["checkpoint"])["model"]
+    assert torch.equal(state["quantize.codebook"], model.quantize.codebook)
+    assert bool(state["quantize.initialised"]) and state["quantize.recent_filled"] > 0
 
 
 def test_adversarial_training_resumes_with_its_discriminator(tiny_shards):
@@ -179,14 +197,14 @@ def test_textbook_vaes_train_from_their_configs(mnist_shards, config):
         json.loads(x) for x in fsspec.filesystem("memory").cat_file(path).decode().splitlines()
     ]
     assert records[-1]["nelbo"] < records[0]["nelbo"] - 50  # nats per image
-    model, loaded = load_model(result["checkpoint"])
-    if loaded.model.classic.num_classes:
+    model, loaded, _ = load_model_artifact(result["checkpoint"])
+    if loaded.classic.num_classes:
         digits = model.generate(torch.arange(10))
         assert digits.shape == (10, 1, 28, 28) and 0 <= digits.min() and digits.max() <= 1
 
 
 def test_latest_checkpoint_skips_a_copy_cut_short(tmp_path):
-    """A checkpoint whose state.pt was cut off mid-write is not resumed from."""
+    """A checkpoint whose training state was cut off mid-write is not resumed from."""
     model = build_model(TINY)
     optimizer = make_optimizer(model, 1e-3, [0.5, 0.9], 0.0)
     from pipeline.train.checkpoint import write_checkpoint
@@ -195,8 +213,13 @@ def test_latest_checkpoint_skips_a_copy_cut_short(tmp_path):
     for step in (2, 4):
         directory = tmp_path / f"checkpoint_{step:08d}"
         directory.mkdir()
-        write_checkpoint(str(directory), model, optimizer, step, TrainRunConfig())
-    state = tmp_path / "checkpoint_00000004" / "state.pt"
+        write_checkpoint(str(directory), model, optimizer, step, TrainRunConfig(model=TINY))
+    state = tmp_path / "checkpoint_00000004" / "training_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
     assert latest_checkpoint(str(tmp_path / "absent")) is None
+    # Weights cut short (the artifact's card pins their sha256) are incomplete too.
+    weights = tmp_path / "checkpoint_00000002" / "model" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    assert latest_checkpoint(str(tmp_path)) is None
+    assert read_card(str(tmp_path / "checkpoint_00000002" / "model")).provenance.step == 2
