@@ -5,6 +5,8 @@ The reader (which needs torch) is imported lazily so that shard I/O stays light 
 only read or write tars.
 """
 
+import importlib
+
 from pipeline.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -51,12 +53,12 @@ __all__ = [
     "write_index",
 ]
 
+# The reader needs torch: resolved on first use (the package's own module, named as a string).
 _LAZY_READER = {"DataConfig", "ShardImageDataset", "iter_val_images", "make_loader"}
+_READER = "pipeline.data.reader"
 
 
 def __getattr__(name: str):
     if name in _LAZY_READER:
-        from pipeline.data import reader
-
-        return getattr(reader, name)
+        return getattr(importlib.import_module(_READER), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,13 +20,16 @@ import functools
 import io
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pipeline.data.keys import KeyAllocator
 from pipeline.data.tario import TarSample, TarShardWriter, write_index
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ def load_mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def to_unit_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W)`` -> float32 ``(N, 1, H, W)`` in [0, 1] (the classic-VAE input)."""
+    import torch  # optional heavy dependency: shard writing (pipeline.data) stays torch-free
+
     return torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
 
 

