@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, load_config, split_cli_args, to_yaml
+from pipeline.errors import ResumableError
 
 
 @dataclass
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         result = command.load(command.function)(cfg)
     except (FileNotFoundError, ValueError) as err:  # user-fixable input problems: no traceback
         logging.getLogger("latentpipe").error("%s: %s", type(err).__name__, err)
+        return 1
+    except ResumableError as err:  # the message says how to resume: the traceback adds nothing
+        logging.getLogger("latentpipe").error("%s", err)
         return 1
     # Typed results (a Sidecar, a Manifest) print as the JSON they are written as.
     printable = result.to_dict() if hasattr(result, "to_dict") else result

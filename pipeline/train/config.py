@@ -21,9 +21,26 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100  # also checkpoints at the last step
     num_workers: int = 2  # Ray Train DDP workers; 0 runs the same loop in this process without Ray
+    # Elastic training: 0 = always num_workers; 1..num_workers = Ray Train runs with as many
+    # workers as the cluster has room for in [min_workers, num_workers], restarting the group
+    # smaller when a node is lost (each loss counts against max_failures) and larger when
+    # capacity returns.
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    max_failures: int = 0  # Ray Train restarts of the worker group on failure
+    # Worker-group restarts after a lost worker or node (-1 = unlimited); each restart resumes
+    # from the latest checkpoint within the same command. With 0, a failure ends the command
+    # and re-running it resumes.
+    max_failures: int = 0
+    # Learning rate for a changed world size: none | linear (lr x world/base) | sqrt
+    # (lr x sqrt(world/base)), where base = base_world_size, 0 meaning num_workers.
+    lr_scaling: str = "none"
+    base_world_size: int = 0
+    # Writes to storage_path (checkpoint uploads, metrics.jsonl) are tried this many times,
+    # waiting upload_backoff_s after the first failure and twice as long after each next one
+    # (capped at 30 s): an object store that restarts does not end the run.
+    upload_attempts: int = 6
+    upload_backoff_s: float = 1.0
     seed: int = 0
     # After the last step, on data.val_shards (skipped without them): PSNR/SSIM for
     # autoencoders, negative ELBO and IWAE NLL for the textbook VAEs.

@@ -22,8 +22,17 @@ from pipeline.models import build_model
 from pipeline.models.adversarial import adversarial_enabled, discriminator_lr
 from pipeline.models.discriminator import build_discriminator
 from pipeline.train.checkpoint import read_state, write_checkpoint
-from pipeline.train.config import TrainRunConfig, run_dir
-from pipeline.train.step import Adversary, MetricMeter, make_optimizer, train_step
+from pipeline.train.config import TrainConfig, TrainRunConfig, run_dir
+from pipeline.train.retry import with_retries
+from pipeline.train.step import (
+    LR_SCALING,
+    Adversary,
+    MetricMeter,
+    lr_factor,
+    make_optimizer,
+    set_lr,
+    train_step,
+)
 
 log = logging.getLogger("latentpipe.train")
 
@@ -52,6 +61,9 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
         if ctx.rank == 0:
             log.info("run already at step %d of %d: nothing to do", step, cfg.train.steps)
         return {"step": step}
+    # Every (re)start may have another world size (elastic runs): fields of each metrics record.
+    scale = _scale_for_world_size(cfg, ctx, optimizer, extra)
+    resumed = {"resumed_from": step} if step else {}  # marks the first record after a resume
     # Reseeding from (seed, rank, step) makes a resumed run as reproducible as a fresh one.
     torch.manual_seed(cfg.train.seed * 1_000_003 + ctx.rank * 7919 + step)
     wrapped = ctx.wrap(model)
@@ -59,7 +71,7 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
     if extra:  # DDP on the discriminator too: every one of its parameters is used each step
         adversary = Adversary(ctx.wrap(extra["disc"]), extra["disc_optimizer"])
     batches = iter(make_loader(cfg.data, ctx.rank, ctx.world_size, repeat=True, epoch=step))
-    metrics_log = MetricsLog(run_dir(cfg.train)) if ctx.rank == 0 else None
+    metrics_log = MetricsLog.for_run(cfg.train) if ctx.rank == 0 else None
     meter, started, last = MetricMeter(), time.perf_counter(), {"step": step}
     while step < cfg.train.steps:
         images, labels = to_device(next(batches), ctx.device)
@@ -70,7 +82,8 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
         step += 1
         at_end = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or at_end:
-            last = _interval_metrics(meter, step, started, ctx)
+            last = {**_interval_metrics(meter, step, started, ctx), **scale, **resumed}
+            resumed = {}
             if metrics_log is not None:
                 metrics_log.write(last)
             meter, started = MetricMeter(), time.perf_counter()
@@ -94,6 +107,47 @@ def check_run_config(cfg: TrainRunConfig) -> None:
         raise ValueError(
             f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
         )
+    _check_scaling(cfg.train)
+
+
+def _check_scaling(t: TrainConfig) -> None:
+    if not 0 <= t.min_workers <= t.num_workers:
+        raise ValueError(
+            f"train.min_workers={t.min_workers}: elastic training needs "
+            f"1 <= min_workers <= num_workers ({t.num_workers}), or 0 for a fixed size"
+        )
+    if t.lr_scaling not in LR_SCALING:
+        raise ValueError(f"train.lr_scaling={t.lr_scaling!r}: expected one of {LR_SCALING}")
+    if t.base_world_size < 0:
+        raise ValueError(f"train.base_world_size={t.base_world_size}: expected >= 0")
+    if t.upload_attempts < 1 or t.upload_backoff_s < 0:
+        raise ValueError("train.upload_attempts must be >= 1 and train.upload_backoff_s >= 0")
+
+
+def _scale_for_world_size(cfg: TrainRunConfig, ctx: WorkerContext, optimizer, extra) -> dict:
+    """Set the learning rate(s) for this world size; log and return the run's scale."""
+    t = cfg.train
+    base = t.base_world_size or max(t.num_workers, 1)
+    factor = lr_factor(t.lr_scaling, ctx.world_size, base)
+    lr = t.lr * factor
+    set_lr(optimizer, lr)
+    if extra:  # the discriminator's rate scales the same way
+        set_lr(extra["disc_optimizer"], discriminator_lr(cfg.loss, t.lr) * factor)
+    global_batch = ctx.world_size * cfg.data.batch_size
+    if ctx.rank == 0:
+        elastic = f" (elastic {t.min_workers}..{t.num_workers})" if t.min_workers else ""
+        log.info(
+            "world size %d%s: global batch %d (%d per worker), lr %.4g (lr_scaling=%s, "
+            "base world size %d)",
+            ctx.world_size,
+            elastic,
+            global_batch,
+            cfg.data.batch_size,
+            lr,
+            t.lr_scaling,
+            base,
+        )
+    return {"world_size": ctx.world_size, "global_batch": global_batch, "lr": lr}
 
 
 def _adversarial_parts(cfg: TrainRunConfig, device: torch.device) -> dict:
@@ -136,23 +190,43 @@ def _interval_metrics(meter: MetricMeter, step: int, started: float, ctx: Worker
 
 
 class MetricsLog:
-    """metrics.jsonl in the run directory: appended locally, rewritten on object stores."""
+    """metrics.jsonl in the run directory: appended locally, rewritten on object stores.
 
-    def __init__(self, directory: str):
+    Each write is retried (`attempts`, `backoff_s`): a store that restarts must not end a run
+    over a log line."""
+
+    def __init__(self, directory: str, attempts: int = 1, backoff_s: float = 0.0):
         self.fs, root = fsspec.core.url_to_fs(directory)
-        self.fs.makedirs(root, exist_ok=True)
         self.path = f"{root}/metrics.jsonl"
         self.append = isinstance(self.fs, LocalFileSystem)
         self.lines: list[str] = []
-        if not self.append and self.fs.exists(self.path):
-            self.lines = self.fs.cat_file(self.path).decode().splitlines()
+        self.retry = {"attempts": attempts, "backoff_s": backoff_s}
+        self._retried("metrics.jsonl read", lambda: self._load(root))
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig) -> MetricsLog:
+        return cls(run_dir(cfg), cfg.upload_attempts, cfg.upload_backoff_s)
 
     def write(self, record: dict) -> None:
         line = json.dumps(record)
         if self.append:
-            with self.fs.open(self.path, "a") as f:
-                f.write(line + "\n")
+            self._retried("metrics.jsonl append", lambda: self._append(line))
             return
         self.lines.append(line)
+        self._retried("metrics.jsonl write", self._rewrite)
+
+    def _retried(self, what: str, fn) -> None:
+        with_retries(fn, f"{what} ({self.path})", **self.retry)
+
+    def _load(self, root: str) -> None:
+        self.fs.makedirs(root, exist_ok=True)
+        if not self.append and self.fs.exists(self.path):
+            self.lines = self.fs.cat_file(self.path).decode().splitlines()
+
+    def _append(self, line: str) -> None:
+        with self.fs.open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def _rewrite(self) -> None:
         with self.fs.open(self.path, "w") as f:
             f.write("\n".join(self.lines) + "\n")

@@ -7,6 +7,7 @@ device sync every step; the caller aggregates and converts once per logging inte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,26 @@ def compute_loss(
     if isinstance(second, DiagonalGaussian):
         return autoencoder_loss(batch, recon, second, loss_cfg), recon
     return vq_autoencoder_loss(batch, recon, second, loss_cfg), recon
+
+
+LR_SCALING = ("none", "linear", "sqrt")
+
+
+def lr_factor(mode: str, world_size: int, base_world_size: int) -> float:
+    """What train.lr (meant for `base_world_size` workers) is multiplied by at `world_size`.
+
+    The global batch is world_size x data.batch_size, so an elastic run that loses workers
+    takes smaller steps; `linear` keeps lr per image constant (Goyal et al.), `sqrt` is the
+    gentler rule often preferred for Adam-type optimisers.
+    """
+    ratio = world_size / base_world_size
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[mode]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Overrides the lr restored from a checkpoint written at another world size."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: float):

@@ -1,0 +1,222 @@
+"""Ray Train runs that lose a worker process, a node, or their object store, and go on.
+
+- A SIGKILLed DDP worker: with train.max_failures=0 the run fails saying how to resume, the
+  same command resumes it, and with max_failures=1 it survives another kill in one call.
+- A lost node on a simulated multi-node cluster (tests/integration/cluster_train.py): a
+  fixed-size run resumes on a replacement node; an elastic run goes on with one worker at the
+  global batch and learning rate of one worker.
+- The S3 server (moto) stopped and restarted mid-run: writes are retried, the run finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ResumableError
+from pipeline.train.checkpoint import latest_checkpoint, read_state
+from pipeline.train.config import TrainRunConfig
+from tests.conftest import TINY_TRAIN, _free_port
+from tests.proctools import descendants
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_SCRIPT = os.path.join(os.path.dirname(__file__), "cluster_train.py")
+
+
+def _config(shards: str, storage, name: str, steps: int, *extra: str) -> TrainRunConfig:
+    overrides = [
+        f"data.shards={shards}",
+        *TINY_TRAIN,
+        f"train.storage_path={storage}",
+        f"train.run_name={name}",
+        f"train.steps={steps}",
+        "train.num_workers=2",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "train.eval_images=0",
+        *extra,
+    ]
+    return load_config(TrainRunConfig, None, overrides)
+
+
+def _train_in_thread(cfg: TrainRunConfig) -> tuple[threading.Thread, dict]:
+    from pipeline.train.run import train
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train(cfg)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _checkpoint_step(run: str) -> int:
+    latest = latest_checkpoint(run)
+    return read_state(latest)["step"] if latest else 0
+
+
+def _kill_a_worker_after_step(run: str, step: int, thread: threading.Thread) -> int:
+    """Wait for a checkpoint past `step`, then SIGKILL one Ray Train worker of this process's
+    embedded Ray (found under this process in /proc: other engineers' Ray is not touched)."""
+    deadline = time.monotonic() + 240
+    while _checkpoint_step(run) <= step:
+        assert thread.is_alive(), "training ended before the worker could be killed"
+        assert time.monotonic() < deadline, f"no checkpoint past step {step} within 240 s"
+        time.sleep(0.2)
+    workers = [p for p in descendants(os.getpid()) if _cmdline(p).startswith("ray::RayTrainWorker")]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[-1], signal.SIGKILL)
+    return _checkpoint_step(run)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _records(run) -> list[dict]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_killed_worker_fails_saying_how_to_resume_rerun_resumes_and_survives_a_kill(
+    ray_local, tiny_shards, tmp_path
+):
+    storage, steps = tmp_path / "runs", 40
+    run = str(storage / "killed")
+    # max_failures=0: the kill ends the run with a message naming the checkpoint to resume.
+    cfg = _config(tiny_shards, storage, "killed", steps, "train.max_failures=0")
+    thread, outcome = _train_in_thread(cfg)
+    _kill_a_worker_after_step(run, 0, thread)
+    thread.join(timeout=240)
+    error = outcome.get("error")
+    assert isinstance(error, ResumableError), outcome
+    first = _checkpoint_step(run)
+    assert 0 < first < steps
+    assert f"(step {first} of {steps})" in str(error) and "run the same command again" in str(error)
+    assert "train.max_failures=0" in str(error) and "rank " in str(error)
+    # The same command (here allowed one restart) resumes, loses a worker again and finishes.
+    cfg = _config(tiny_shards, storage, "killed", steps, "train.max_failures=1")
+    thread, outcome = _train_in_thread(cfg)
+    second = _kill_a_worker_after_step(run, first, thread)
+    thread.join(timeout=300)
+    assert "result" in outcome, outcome.get("error")
+    assert read_state(outcome["result"]["checkpoint"])["step"] == steps
+    records = _records(run)
+    resumed = [r["resumed_from"] for r in records if "resumed_from" in r]
+    assert resumed[0] == first, records  # the re-run started from the latest checkpoint
+    assert len(resumed) == 2 and first < resumed[1] <= second  # the restart within one call
+    assert records[-1]["step"] == steps and records[-1]["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def cluster_runs(tmp_path_factory, tiny_shards) -> dict:
+    """Both cluster scenarios in one subprocess (one cluster start): fixed, then elastic."""
+    workdir = tmp_path_factory.mktemp("cluster_train")
+    proc = subprocess.run(
+        [sys.executable, CLUSTER_SCRIPT, str(workdir), tiny_shards, "fixed", "elastic"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    result_file = workdir / "result.json"
+    assert result_file.exists(), proc.stderr[-4000:]
+    return {**json.loads(result_file.read_text()), "log": proc.stdout + proc.stderr}
+
+
+def test_lost_node_fixed_size_run_resumes_on_a_replacement_node(cluster_runs):
+    run = cluster_runs["fixed"]
+    assert run["finished"] and "checkpoint" in run, run.get("error")
+    assert run["final_step"] == cluster_runs["steps"]
+    records = run["metrics"]
+    resumed = [r for r in records if "resumed_from" in r]
+    assert len(resumed) == 1 and 0 < resumed[0]["resumed_from"] < cluster_runs["steps"]
+    assert {r["world_size"] for r in records} == {2}
+
+
+def test_lost_node_elastic_run_goes_on_smaller_with_scaled_lr(cluster_runs):
+    run = cluster_runs["elastic"]
+    assert run["finished"] and "checkpoint" in run, run.get("error")
+    assert run["final_step"] == cluster_runs["steps"]
+    records = run["metrics"]
+    before, after = records[0], records[-1]
+    assert (before["world_size"], after["world_size"]) == (2, 1)
+    assert after["global_batch"] == before["global_batch"] // 2
+    assert after["lr"] == pytest.approx(before["lr"] / 2)  # lr_scaling=linear
+    resumed = next(r for r in records if "resumed_from" in r)
+    assert resumed["world_size"] == 1  # the first record after the restart is already smaller
+    assert "world size 1 (elastic 1..2): global batch" in cluster_runs["log"]
+
+
+def test_s3_server_restart_mid_run_is_retried_and_the_run_finishes(tiny_shards, tmp_path):
+    """A real moto server on its own port is stopped for a few seconds after the first
+    checkpoint and started again (moto's state lives in this process, so the bucket survives).
+    Ray Train's controller may meet the outage too (its run snapshot): then the run restarts
+    from its latest checkpoint within the same command; either way it finishes."""
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    port, bucket = _free_port(), "restarting"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    env = {
+        **os.environ,
+        **creds,
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=env["AWS_ENDPOINT_URL"])
+    fs.mkdir(bucket)
+    steps, log = 16, tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", f"data.shards={tiny_shards}", *TINY_TRAIN]
+    cmd += [f"train.storage_path=s3://{bucket}/runs", "train.run_name=s3", f"train.steps={steps}"]
+    # Metrics only at the end: the first write the outage meets is a checkpoint upload (the
+    # metrics.jsonl retries are tested in tests/unit/test_train_resilience.py).
+    cmd += ["train.num_workers=1", f"train.log_every={steps}", "train.checkpoint_every=2"]
+    cmd += ["train.eval_images=0", "train.upload_backoff_s=1"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not fs.glob(f"{bucket}/runs/s3/checkpoint_*/*", refresh=True):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        server.stop()
+        time.sleep(8)  # longer than the storage client's and Ray's own quick retries
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        proc.wait(timeout=360)
+        output = log.read_text()
+        assert proc.returncode == 0, output[-4000:]
+        checkpoint = re.search(r'"checkpoint": "s3://([^"]+)"', output).group(1)
+        fs.get(checkpoint, str(tmp_path / "final"), recursive=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert read_state(str(tmp_path / "final"))["step"] == steps
+    retried = [line for line in output.splitlines() if "retrying in" in line]
+    assert any("checkpoint upload of step" in line for line in retried), output[-4000:]

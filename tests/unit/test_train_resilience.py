@@ -1,0 +1,155 @@
+"""Fault-tolerance pieces that need no Ray: storage retries, learning-rate scaling, config checks.
+
+The Ray Train side (killed workers, lost nodes, elastic runs, an S3 server restarting) is in
+tests/integration/test_train_fault_tolerance.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from pipeline.config import load_config
+from pipeline.errors import ResumableError
+from pipeline.train.checkpoint import latest_checkpoint, read_state
+from pipeline.train.config import TrainRunConfig
+from pipeline.train.loop import check_run_config
+from pipeline.train.retry import MAX_BACKOFF_S, backoff_delays, with_retries
+from pipeline.train.run import _interrupted, train
+from pipeline.train.step import lr_factor
+from tests.conftest import TINY_TRAIN
+
+
+class _Flaky:
+    """A callable failing `failures` times with OSError, then returning its call count."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(f"connection refused (call {self.calls})")
+        return self.calls
+
+
+def test_retries_wait_doubling_and_succeed(caplog):
+    waits: list[float] = []
+    with caplog.at_level(logging.WARNING, logger="latentpipe.train"):
+        assert with_retries(_Flaky(3), "upload x", 5, 0.5, sleep=waits.append) == 4
+    assert waits == backoff_delays(5, 0.5)[:3] == [0.5, 1.0, 2.0]
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 3 and "try 1 of 5" in retries[0] and "OSError" in retries[0]
+
+
+def test_retries_are_bounded_and_raise_the_last_error():
+    flaky, waits = _Flaky(10), []
+    with pytest.raises(OSError, match="call 4"):
+        with_retries(flaky, "upload x", 4, 1.0, sleep=waits.append)
+    assert flaky.calls == 4 and len(waits) == 3
+    assert backoff_delays(12, 1.0)[-1] == MAX_BACKOFF_S  # capped, never unbounded waits
+
+
+def test_bugs_and_unretryable_errors_are_not_retried():
+    def bug():
+        raise TypeError("not a storage problem")
+
+    with pytest.raises(TypeError):
+        with_retries(bug, "x", 5, 0.0, sleep=lambda s: pytest.fail("slept"))
+    flaky = _Flaky(1)
+    with pytest.raises(OSError):
+        with_retries(flaky, "x", 5, 0.0, retryable=lambda e: False)
+    assert flaky.calls == 1
+
+
+@pytest.mark.parametrize(
+    "mode, world, base, expected",
+    [("none", 1, 4, 1.0), ("linear", 1, 4, 0.25), ("linear", 3, 2, 1.5), ("sqrt", 1, 4, 0.5)],
+)
+def test_lr_factor(mode, world, base, expected):
+    assert math.isclose(lr_factor(mode, world, base), expected)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.min_workers=3", "train.min_workers"),
+        ("train.min_workers=-1", "train.min_workers"),
+        ("train.lr_scaling=cubic", "train.lr_scaling"),
+        ("train.base_world_size=-2", "train.base_world_size"),
+        ("train.upload_attempts=0", "train.upload_attempts"),
+    ],
+)
+def test_bad_scaling_settings_are_refused_naming_the_key(override, key):
+    cfg = load_config(TrainRunConfig, None, ["data.shards=x", "train.num_workers=2", override])
+    with pytest.raises(ValueError, match=key):
+        check_run_config(cfg)
+
+
+class FlakyMemoryFS(MemoryFileSystem):
+    """memory:// whose first `FAILURES[op]` checkpoint uploads / metrics writes raise OSError,
+    like an object store that is restarting."""
+
+    protocol = "flaky"
+    FAILURES: dict[str, int] = {}
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).replace("flaky://", "memory://", 1))
+
+    def _maybe_fail(self, op: str) -> None:
+        if self.FAILURES.get(op, 0) > 0:
+            self.FAILURES[op] -= 1
+            raise OSError(f"{op}: connection reset by peer")
+
+    def put_file(self, lpath, rpath, **kwargs):
+        self._maybe_fail("put_file")
+        return super().put_file(lpath, rpath, **kwargs)
+
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode and str(path).endswith("metrics.jsonl"):
+            self._maybe_fail("metrics")
+        return super().open(path, mode, **kwargs)
+
+
+def test_single_process_run_survives_a_failing_store_and_says_how_to_resume(tiny_shards, caplog):
+    fsspec.register_implementation("flaky", FlakyMemoryFS, clobber=True)
+    FlakyMemoryFS.FAILURES.update({"put_file": 2, "metrics": 2})
+    overrides = [
+        f"data.shards={tiny_shards}",
+        *TINY_TRAIN,
+        "train.storage_path=flaky://flaky-runs",
+        "train.run_name=flaky",
+        "train.num_workers=0",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "train.eval_images=0",
+        "train.upload_backoff_s=0",
+    ]
+    cfg = load_config(TrainRunConfig, None, overrides)
+    with caplog.at_level(logging.INFO, logger="latentpipe.train"):
+        result = train(cfg)
+    assert FlakyMemoryFS.FAILURES == {"put_file": 0, "metrics": 0}  # every failure was hit
+    assert read_state(result["checkpoint"])["step"] == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("retrying in" in m for m in messages) == 4
+    assert any("checkpoint upload of step 2" in m and "succeeded on try 3" in m for m in messages)
+    lines = fsspec.filesystem("memory").cat_file("/flaky-runs/flaky/metrics.jsonl").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [2, 4]  # nothing lost, nothing written twice
+    assert {(r["world_size"], r["global_batch"], r["lr"]) for r in records} == {
+        (1, cfg.data.batch_size, cfg.train.lr)
+    }
+    # How a failed run ends: the message names the latest checkpoint and how to resume.
+    error = _interrupted(cfg.train, RuntimeError("worker died"))
+    assert isinstance(error, ResumableError)
+    message = str(error)
+    assert latest_checkpoint("flaky://flaky-runs/flaky") in message
+    assert "step 4 of 4" in message and "run the same command again" in message
+    assert "train.max_failures >= 1" in message
