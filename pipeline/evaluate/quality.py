@@ -32,6 +32,7 @@ from pipeline.data.reader import DataConfig, ShardImageDataset
 from pipeline.data.urls import expand_shard_urls
 from pipeline.evaluate.likelihood import bits_per_dim, iwae_nll, negative_elbo
 from pipeline.latents.stats import ChannelStats
+from pipeline.models.family import Family, family_of
 
 log = logging.getLogger("latentpipe.eval")
 
@@ -68,14 +69,18 @@ def held_out_batches(
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, batches, value_range: str, on_latents=None) -> dict:
+def reconstruction_metrics(
+    model, batches, value_range: str, on_latents=None, family: Family | None = None
+) -> dict:
     """Mean PSNR (dB) and SSIM of deterministic reconstructions, on the [0, 1] scale.
 
     ``on_latents(latents)`` sees every batch's latents (the scale is measured in this pass).
+    ``family`` defaults to the model's (pipeline.models.family).
     """
+    family = family or family_of(model)
     psnr, ssim, count, usage = 0.0, 0.0, 0, []
     for images, _ in batches:
-        recon, latents, extra = reconstruct(model, images)
+        recon, latents, extra = family.reconstruct(model, images)
         if on_latents is not None:
             on_latents(latents)
         original, recon = _unit(images, value_range), _unit(recon, value_range).clamp(0, 1)
@@ -90,17 +95,6 @@ def reconstruction_metrics(model, batches, value_range: str, on_latents=None) ->
         indices = torch.cat(usage).flatten()
         metrics.update(codebook_health(indices, model.num_codes))
     return metrics
-
-
-def reconstruct(
-    model, images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(reconstruction, latents, code indices or None): the latents are the posterior mean for
-    KL and the quantised latents for VQ, what an encoded corpus stores and decodes."""
-    encoded = model.encode(images)
-    if isinstance(encoded, tuple):  # VQ: (z_q, indices, info)
-        return model.decode(encoded[0]), encoded[0], encoded[1]
-    return model.decode(encoded.mean), encoded.mean, None
 
 
 def codebook_health(indices: torch.Tensor, num_codes: int) -> dict:
@@ -142,7 +136,7 @@ def _evaluate(model, data: DataConfig, limit: int, iwae_k: int) -> tuple[dict, L
     batches = held_out_batches(data, limit)
     if not batches:
         raise ValueError(f"no usable validation images in {data.val_shards}")
-    if hasattr(model, "log_likelihood"):  # the textbook VAEs
+    if family_of(model).evaluation == "likelihood":  # the textbook VAEs
         return likelihood_metrics(model, batches, iwae_k), None
     stats = _LatentStats()
     figures = reconstruction_metrics(model, batches, data.value_range, stats.add)

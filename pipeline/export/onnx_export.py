@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.models.kl import KLAutoencoder
+from pipeline.models.family import family_of
 from pipeline.models.vq import VQAutoencoder
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ VQ_OUTPUT_NAMES = ("indices", "quantized")  # VQ models
 # Symbolic dims of the graph; "batch" is shared by the input and every output.
 BATCH, HEIGHT, WIDTH = "batch", "height", "width"
 LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
-EXPORTABLE = (KLAutoencoder, VQAutoencoder)
 IN_CHANNELS = 3  # RGB: what the sidecar declares and the encode job feeds
 
 Dims = list[int | str]  # an ONNX shape: int = static size, str = symbolic (dynamic) dim
@@ -60,13 +59,14 @@ class VQEncoderForExport(nn.Module):
 
 
 def is_vq(model: nn.Module) -> bool:
-    return isinstance(model, VQAutoencoder)
+    """Whether the model's ONNX graph is the VQ one (indices + quantized outputs)."""
+    return family_of(model).onnx == "vq"
 
 
 def check_exportable(model: nn.Module) -> None:
     """Raise ValueError for model kinds without an ONNX encoder (the textbook VAE family:
     their encoders end in Linear layers over a fixed image size and take class labels)."""
-    if not isinstance(model, EXPORTABLE):
+    if family_of(model).onnx is None:
         kind = getattr(getattr(model, "config", None), "kind", type(model).__name__)
         raise ValueError(f"ONNX export supports model kinds 'kl' and 'vq', not {kind!r}")
 

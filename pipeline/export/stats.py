@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.data.images import normalize
 from pipeline.data.reader import iter_val_images
 from pipeline.latents.stats import ChannelStats
-from pipeline.models.vq import VQAutoencoder
+from pipeline.models.family import family_of
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ def _batches(images: Iterable[np.ndarray], size: int) -> Iterable[torch.Tensor]:
 
 def encoder_latents(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """What the stored latents stand for: quantized latents (VQ) or posterior means (KL)."""
-    if isinstance(model, VQAutoencoder):  # export_forward -> (indices, quantized)
-        return model.export_forward(images)[1]
-    return model.encode(images).mean
+    return family_of(model).stored_latents(model, images)
 
 
 def latent_moments(model: nn.Module, images: Iterable[np.ndarray]) -> tuple[float, float, int]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models import ClassicVAE, KLAutoencoder, VQAutoencoder
+from pipeline.models import ClassicVAE
+from pipeline.models.family import family_of
 from pipeline.report.pictures import to_unit
 
 
@@ -79,12 +80,12 @@ class ClassicCodec:
         return self.model.generate(labels, generator=generator)
 
 
+CODECS = {"kl": KLCodec, "vq": VQCodec}
+
+
 def make_codec(model: torch.nn.Module, value_range: str, resolution: int):
-    """The codec for a trained model (KL, VQ or any classic VAE)."""
-    if isinstance(model, ClassicVAE):
+    """The codec for a trained model (KL, VQ or any classic VAE), chosen by its family."""
+    family = family_of(model)
+    if family.name == "textbook":
         return ClassicCodec(model)
-    if isinstance(model, VQAutoencoder):
-        return VQCodec(model, value_range, resolution)
-    if isinstance(model, KLAutoencoder):
-        return KLCodec(model, value_range, resolution)
-    raise TypeError(f"no report pictures for a {type(model).__name__}")
+    return CODECS[family.name](model, value_range, resolution)

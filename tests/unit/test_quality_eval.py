@@ -10,6 +10,7 @@ from pipeline.artifacts import read_card
 from pipeline.config import load_config
 from pipeline.evaluate.quality import codebook_health, read_eval, reconstruction_metrics
 from pipeline.export import ExportConfig, export_from_artifact
+from pipeline.models.family import KL
 from pipeline.train.config import TrainRunConfig
 from pipeline.train.run import train
 from tests.conftest import TINY_TRAIN
@@ -31,7 +32,7 @@ class _Identity(torch.nn.Module):
 
 def test_reconstruction_metrics_golden_values():
     images = torch.rand(4, 3, 16, 16) * 2 - 1
-    perfect = reconstruction_metrics(_Identity(), [(images, None)], "signed")
+    perfect = reconstruction_metrics(_Identity(), [(images, None)], "signed", family=KL)
     assert perfect["ssim"] == pytest.approx(1.0, abs=1e-4) and perfect["psnr_db"] > 100
 
     class _Gray(_Identity):
@@ -39,7 +40,7 @@ def test_reconstruction_metrics_golden_values():
             return torch.zeros_like(z)  # mid-grey on the [0, 1] scale
 
     constant = torch.full((2, 3, 16, 16), 1.0)  # white; error 0.5 everywhere -> 6.02 dB
-    assert reconstruction_metrics(_Gray(), [(constant, None)], "signed")[
+    assert reconstruction_metrics(_Gray(), [(constant, None)], "signed", family=KL)[
         "psnr_db"
     ] == pytest.approx(6.021, abs=1e-3)
 
