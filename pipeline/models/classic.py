@@ -27,12 +27,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+
+class Likelihood(StrEnum):
+    bernoulli = "bernoulli"  # decoder -> logits, images in [0, 1]
+    gaussian = "gaussian"  # decoder -> mean, with a (learned) sigma
+
+
+LIKELIHOODS = tuple(Likelihood)
 _MIN_LOG_SIGMA = math.log(1e-3)  # a learned sigma may not collapse to 0 (log-density -> inf)
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -46,10 +53,13 @@ class ClassicVAEConfig:
     latent_dim: int = 20
     hidden_dims: list[int] = field(default_factory=lambda: [400])  # fc layers after the trunk
     num_classes: int = 0  # > 0: conditional (one-hot label into encoder and decoder)
-    likelihood: str = "bernoulli"  # "bernoulli" (decoder -> logits) | "gaussian" (-> mean)
+    likelihood: Likelihood = Likelihood.bernoulli
     conv_channels: list[int] = field(default_factory=lambda: [32, 64])  # ConvVAE: stride-2 convs
     gaussian_sigma: float = 0.1  # gaussian: (initial) decoder std, on the [0, 1] pixel scale
     learn_sigma: bool = True  # gaussian: learn sigma (sigma-VAE) or keep it fixed
+
+    def __post_init__(self) -> None:
+        self.likelihood = Likelihood(self.likelihood)  # a bad value fails here or at load
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -61,8 +71,6 @@ def _mlp(dims: list[int]) -> nn.Sequential:
 
 
 def _validate(cfg: ClassicVAEConfig) -> None:
-    if cfg.likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {cfg.likelihood!r}")
     if min(cfg.image_size, cfg.in_channels, cfg.latent_dim) < 1 or cfg.num_classes < 0:
         raise ValueError("image_size, in_channels, latent_dim must be >= 1; num_classes >= 0")
     if any(d < 1 for d in [*cfg.hidden_dims, *cfg.conv_channels]):

@@ -7,6 +7,7 @@ z -> post_quant_conv (1x1) -> decoder. The 1x1 quant convs exist so SD-style wei
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -19,11 +20,22 @@ LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
 
 
+class ModelKind(StrEnum):
+    """``model.kind``: the class in ``MODEL_REGISTRY`` (pipeline/models/__init__.py)."""
+
+    kl = "kl"  # SD-class KL autoencoder
+    vq = "vq"  # VQ autoencoder
+    mlp_vae = "mlp_vae"  # the textbook VAEs (model.classic)
+    conv_vae = "conv_vae"
+    cvae = "cvae"
+    conv_cvae = "conv_cvae"
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the autoencoder; ``kind`` selects the class in ``MODEL_REGISTRY``."""
 
-    kind: str = "kl"
+    kind: ModelKind = ModelKind.kl
     in_channels: int = 3
     ch: int = 32
     # Downsampling factor = 2 ** (len(ch_mult) - 1): [1, 2, 2] -> f4, [1, 2, 2, 4] -> f8.
@@ -47,6 +59,9 @@ class ModelConfig:
     vq: VQConfig = field(default_factory=VQConfig)  # codebook, for kind "vq"
     # The textbook VAEs (kinds mlp_vae, conv_vae, cvae, conv_cvae) read only this section.
     classic: ClassicVAEConfig = field(default_factory=ClassicVAEConfig)
+
+    def __post_init__(self) -> None:
+        self.kind = ModelKind(self.kind)  # a bad value fails here or at config load
 
 
 class DiagonalGaussian:

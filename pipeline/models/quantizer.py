@@ -20,13 +20,20 @@ This is the only place in ``models/`` that touches distribution.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-DISTANCES = ("l2", "cosine")
+
+class Distance(StrEnum):
+    l2 = "l2"  # LDM's (and diffusers' VQModel's) nearest code
+    cosine = "cosine"  # unit-normalised latents and codes (ViT-VQGAN)
+
+
+DISTANCES = tuple(Distance)
 LAPLACE_EPS = 1e-5  # smoothing of EMA cluster sizes so rarely used codes never divide by ~0
 
 
@@ -40,9 +47,13 @@ class VQConfig:
     ema_decay: float = 0.99  # EMA codebook updates; 0 = learn the codebook by gradient instead
     dead_code_window: int = 200  # steps a code may go unused before it is re-seeded; 0 = never
     kmeans_init: bool = False  # initialise the codebook by k-means on the first batch(es)
-    distance: str = "l2"  # "l2" or "cosine"
+    distance: Distance = Distance.l2
     kmeans_iters: int = 10  # Lloyd iterations of the one-off k-means initialisation
     reseed_buffer: int = 1024  # recent encoder outputs kept to re-seed dead codes from
+
+    def __post_init__(self) -> None:
+        # Choices are Enums: a bad value fails at config load (OmegaConf names the key) or here.
+        self.distance = Distance(self.distance)
 
 
 def validate_vq_config(cfg: VQConfig) -> None:
@@ -56,10 +67,6 @@ def validate_vq_config(cfg: VQConfig) -> None:
         raise ValueError(f"model.vq.commitment must be >= 0, got {cfg.commitment}")
     if cfg.dead_code_window < 0 or cfg.kmeans_iters < 0:
         raise ValueError("model.vq.dead_code_window and model.vq.kmeans_iters must be >= 0")
-    if cfg.distance not in DISTANCES:
-        raise ValueError(
-            f"model.vq.distance must be one of {list(DISTANCES)}, got {cfg.distance!r}"
-        )
 
 
 def _world() -> int:

@@ -62,7 +62,7 @@ def test_conv_vae_small_config_and_validation():
     assert model(torch.rand(2, 3, 16, 16))[0].shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="divisible"):
         ConvVAE(ClassicVAEConfig(image_size=30))
-    with pytest.raises(ValueError, match="likelihood"):
+    with pytest.raises(ValueError, match="not a valid Likelihood"):
         MLPVAE(ClassicVAEConfig(likelihood="laplace"))
     with pytest.raises(ValueError, match="shape"):
         model.encode(torch.rand(2, 1, 16, 16))

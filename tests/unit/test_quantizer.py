@@ -173,7 +173,7 @@ def test_usage_and_perplexity_on_constructed_case():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="model.vq.distance"):
+    with pytest.raises(ValueError, match="not a valid Distance"):
         quantizer(distance="dot")
     with pytest.raises(ValueError, match="model.vq.ema_decay"):
         quantizer(ema_decay=1.0)
