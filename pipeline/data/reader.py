@@ -73,16 +73,26 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
 VALUE_RANGES = ("signed", "unit")
 
 
+def prepare_pixels(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:
+    """Image bytes -> uint8 [R, R, channels], centre-cropped (raises BadImageError)."""
+    hwc = resize_center_crop(decode_image(data), resolution)
+    if channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+        hwc = np.rint(hwc @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
+    return hwc
+
+
+def to_tensor(hwc: np.ndarray, value_range: str = "signed") -> torch.Tensor:
+    """uint8 HWC -> float32 tensor [C, R, R] in [-1, 1] ("signed") or [0, 1] ("unit")."""
+    if value_range == "unit":
+        return torch.from_numpy(hwc.transpose(2, 0, 1).astype(np.float32) / 255.0)
+    return torch.from_numpy(normalize(hwc))
+
+
 def preprocess(
     data: bytes, resolution: int, channels: int = 3, value_range: str = "signed"
 ) -> torch.Tensor:
     """Image bytes -> float32 tensor [C, R, R] in [-1, 1] or [0, 1] (raises BadImageError)."""
-    hwc = resize_center_crop(decode_image(data), resolution)
-    if channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
-        hwc = np.rint(hwc @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.uint8)
-    if value_range == "unit":
-        return torch.from_numpy(hwc.transpose(2, 0, 1).astype(np.float32) / 255.0)
-    return torch.from_numpy(normalize(hwc))
+    return to_tensor(prepare_pixels(data, resolution, channels), value_range)
 
 
 def parse_label(files: dict[str, bytes], field: str) -> int:
@@ -238,40 +248,68 @@ def make_loader(
     )
 
 
-def iter_val_images(
-    urls: list[str] | str, resolution: int, limit: int | None = None
-) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, uint8 HWC [R, R, 3]) for up to `limit` good images, in shard order.
+AUTO_LABEL = "auto"  # iter_val_samples: the "cls" label when a sample has one, else none
 
-    `urls` may also be a spec string for `expand_shard_urls`. Bad images and truncated shards
+
+@dataclass(frozen=True)
+class ValSample:
+    key: str
+    pixels: np.ndarray  # uint8 [R, R, channels], centre-cropped
+    label: int | None
+
+
+def iter_val_samples(
+    urls: list[str] | str,
+    resolution: int,
+    limit: int | None = None,
+    channels: int = 3,
+    label_field: str = "",
+) -> Iterator[ValSample]:
+    """The one validation reader: up to `limit` good samples in shard order, the same every
+    time (evaluation, the report, export's latent statistics and the demo all read this way).
+
+    `urls` may also be a spec string for `expand_shard_urls`. `label_field`: "" = no labels;
+    a field name = every sample needs it (one without is skipped, like a bad image);
+    ``AUTO_LABEL`` = the ``cls`` field where a sample has one. Bad images and truncated shards
     are logged and skipped.
     """
     if isinstance(urls, str):
         urls = expand_shard_urls(urls)
     produced = 0
     for url in urls:
-        if limit is not None and produced >= limit:
-            return
         try:
             for sample in iter_tar_samples(url):
-                image = _val_image(sample, resolution)
-                if image is None:
-                    continue
-                yield sample.key, image
-                produced += 1
                 if limit is not None and produced >= limit:
                     return
+                val = _val_sample(sample, resolution, channels, label_field)
+                if val is not None:
+                    produced += 1
+                    yield val
         except TruncatedShardError as err:
             log.warning("%s; continuing with the next shard", err)
 
 
-def _val_image(sample: TarSample, resolution: int) -> np.ndarray | None:
+def _val_sample(
+    sample: TarSample, resolution: int, channels: int, label_field: str
+) -> ValSample | None:
     field = find_image_field(sample.files)
     if field is None:
         log.warning("skipping sample %r: no image field", sample.key)
         return None
     try:
-        return resize_center_crop(decode_image(sample.files[field]), resolution)
+        pixels = prepare_pixels(sample.files[field], resolution, channels)
+        if label_field == AUTO_LABEL:
+            label_field = "cls" if "cls" in sample.files else ""
+        label = parse_label(sample.files, label_field) if label_field else None
     except BadImageError as err:
         log.warning("skipping sample %r: %s", sample.key, err)
         return None
+    return ValSample(sample.key, pixels, label)
+
+
+def iter_val_images(
+    urls: list[str] | str, resolution: int, limit: int | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, uint8 HWC [R, R, 3]) of :func:`iter_val_samples`: export's statistics, the demo."""
+    for val in iter_val_samples(urls, resolution, limit):
+        yield val.key, val.pixels

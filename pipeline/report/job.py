@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -24,10 +23,7 @@ from omegaconf import MISSING
 
 from pipeline.artifacts.card import artifact_sha256, checkpoint_of, resolve_model_dir
 from pipeline.artifacts.store import load_model_artifact
-from pipeline.data.images import BadImageError, find_image_field
-from pipeline.data.reader import DataConfig, parse_label, preprocess
-from pipeline.data.tario import TarSample, TruncatedShardError, iter_tar_samples
-from pipeline.data.urls import expand_shard_urls
+from pipeline.data.reader import AUTO_LABEL, DataConfig, iter_val_samples, to_tensor
 from pipeline.evaluate.quality import run_data
 from pipeline.report import figures
 from pipeline.report.codecs import make_codec
@@ -113,41 +109,18 @@ def read_val_batch(data: DataConfig, limit: int) -> ValBatch:
     Labels come from ``data.label_field``, else from a ``cls`` member when the samples have one
     (so the scatter of an unconditional model can still be coloured).
     """
-    images, labels = [], []
-    for sample in _iter_samples(data.val_shards or data.shards):
-        field = find_image_field(sample.files)
-        if field is None:
-            log.warning("report: skipping sample %r: no image field", sample.key)
-            continue
-        try:
-            image = preprocess(
-                sample.files[field], data.resolution, data.channels, data.value_range
-            )
-            label_field = data.label_field or ("cls" if "cls" in sample.files else "")
-            label = parse_label(sample.files, label_field) if label_field else None
-        except BadImageError as err:
-            log.warning("report: skipping sample %r: %s", sample.key, err)
-            continue
-        images.append(image)
-        labels.append(label)
-        if len(images) >= limit:
-            break
-    if not images:
-        raise ValueError(f"no usable validation images in {data.val_shards or data.shards}")
+    spec = data.val_shards or data.shards
+    label_field = data.label_field or AUTO_LABEL
+    samples = list(iter_val_samples(spec, data.resolution, limit, data.channels, label_field))
+    if not samples:
+        raise ValueError(f"no usable validation images in {spec}")
+    labels = [s.label for s in samples]
     have_labels = all(label is not None for label in labels)
     return ValBatch(
-        torch.stack(images),
+        torch.stack([to_tensor(s.pixels, data.value_range) for s in samples]),
         torch.tensor(labels, dtype=torch.long) if have_labels else None,
         data.value_range,
     )
-
-
-def _iter_samples(spec: str) -> Iterator[TarSample]:
-    for url in expand_shard_urls(spec):
-        try:
-            yield from iter_tar_samples(url)
-        except TruncatedShardError as err:  # keep what the shard held before the damage
-            log.warning("%s; continuing with the next shard", err)
 
 
 def _write(out_dir: str, pictures: list[Picture], report: dict) -> None:

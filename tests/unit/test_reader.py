@@ -113,3 +113,23 @@ def test_shuffled_buffer():
     out = list(shuffled(iter(range(100)), 10, rng))
     assert sorted(out) == list(range(100)) and out != list(range(100))
     assert list(shuffled(iter(range(5)), 0, rng)) == list(range(5))
+
+
+def test_iter_val_samples_label_modes(tmp_path):
+    """The one validation reader: no labels, a required field, or "auto" (cls where present)."""
+    from pipeline.data.reader import AUTO_LABEL, iter_val_samples
+
+    with TarShardWriter(str(tmp_path), max_samples=10) as writer:
+        for i in range(6):
+            files = {"png": _grey_png(i)}
+            if i % 2 == 0:
+                files["cls"] = str(i).encode()
+            writer.write(f"s{i:03d}", files)
+    write_index(str(tmp_path), writer.shards)
+    spec = str(tmp_path)
+    plain = list(iter_val_samples(spec, RES))
+    assert [s.label for s in plain] == [None] * 6 and plain[0].pixels.shape == (RES, RES, 3)
+    required = list(iter_val_samples(spec, RES, label_field="cls"))
+    assert [(s.key, s.label) for s in required] == [("s000", 0), ("s002", 2), ("s004", 4)]
+    auto = list(iter_val_samples(spec, RES, limit=3, channels=1, label_field=AUTO_LABEL))
+    assert [s.label for s in auto] == [0, None, 2] and auto[0].pixels.shape == (RES, RES, 1)
