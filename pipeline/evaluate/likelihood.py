@@ -1,6 +1,6 @@
 """Held-out likelihood of a VAE: negative ELBO, IWAE estimate of -log p(x), bits per dimension.
 
-Works with any model exposing the classic-VAE interface of `pipeline.models.classic`:
+Works with any model exposing the classic-VAE interface of `pipeline.models.textbook`:
 ``encode(x, y) -> (mu, logvar)`` of a diagonal-Gaussian posterior, ``decode(z, y) -> out`` and
 ``log_likelihood(x, out) -> (B,)`` (``log p(x|z)`` summed over pixels). The prior is N(0, I).
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.models.classic import CLASSIC_MODELS, ClassicVAE, ClassicVAEConfig
 from pipeline.models.kl import DiagonalGaussian, KLAutoencoder, ModelConfig
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
 from pipeline.models.quantizer import VectorQuantizer, VQConfig
+from pipeline.models.textbook import CLASSIC_MODELS, ClassicVAE, ClassicVAEConfig
 from pipeline.models.vq import VQAutoencoder
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {

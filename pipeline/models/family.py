@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.models.classic import CLASSIC_MODELS, ClassicVAE, beta_schedule, elbo_from_outputs
 from pipeline.models.kl import KLAutoencoder
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
+from pipeline.models.textbook import CLASSIC_MODELS, ClassicVAE, beta_schedule, elbo_from_outputs
 from pipeline.models.vq import VQAutoencoder
 
 Terms = dict[str, torch.Tensor]

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from pipeline.models.blocks import Decoder, Encoder, check_groups
-from pipeline.models.classic import ClassicVAEConfig
 from pipeline.models.quantizer import VQConfig
+from pipeline.models.textbook import ClassicVAEConfig
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0

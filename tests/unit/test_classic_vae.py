@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.classic import (
+from pipeline.models.textbook import (
     MLPVAE,
     ClassicVAEConfig,
     ConditionalConvVAE,

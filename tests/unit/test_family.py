@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.models import MODEL_REGISTRY, ModelConfig, build_model
-from pipeline.models.classic import ClassicVAEConfig
 from pipeline.models.family import TEXTBOOK, family_for, family_of
 from pipeline.models.losses import LossConfig
+from pipeline.models.textbook import ClassicVAEConfig
 
 
 def _tiny(kind: str) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from pipeline.evaluate import (
     log_importance_weights,
     negative_elbo,
 )
-from pipeline.models.classic import MLPVAE, ClassicVAEConfig, ConditionalVAE, elbo_terms
+from pipeline.models.textbook import MLPVAE, ClassicVAEConfig, ConditionalVAE, elbo_terms
 
 LN2 = math.log(2.0)
 

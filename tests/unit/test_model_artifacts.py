@@ -29,7 +29,7 @@ from pipeline.artifacts.diffusers_keys import (
 )
 from pipeline.artifacts.store import inference_state
 from pipeline.models import ModelConfig, VQConfig, build_model, training_buffers
-from pipeline.models.classic import ClassicVAEConfig
+from pipeline.models.textbook import ClassicVAEConfig
 
 RES = 16
 KL = ModelConfig(
