@@ -14,7 +14,7 @@ import torch
 
 from pipeline.models import ClassicVAE, DiagonalGaussian
 from pipeline.models.adversarial import discriminator_step, generator_adversarial_terms
-from pipeline.models.classic import beta_schedule, elbo_from_outputs
+from pipeline.models.textbook import beta_schedule, elbo_from_outputs
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
 
 
