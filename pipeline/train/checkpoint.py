@@ -109,8 +109,11 @@ def latest_checkpoint(run_directory: str, newer_than: str = "") -> str | None:
     fs, root = fsspec.core.url_to_fs(run_directory)
     if not fs.exists(root):
         return None
+    # Directories only: Ray Train keeps checkpoint_manager_snapshot.json beside them.
+    entries = fs.ls(root, detail=True)
     names = sorted(
-        (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)), reverse=True
+        (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"),
+        reverse=True,
     )
     for name in (n for n in names if n.startswith("checkpoint_") and n > newer_than):
         candidate = f"{run_directory.rstrip('/')}/{name}"

@@ -203,8 +203,9 @@ def test_textbook_vaes_train_from_their_configs(mnist_shards, config):
         assert digits.shape == (10, 1, 28, 28) and 0 <= digits.min() and digits.max() <= 1
 
 
-def test_latest_checkpoint_skips_a_copy_cut_short(tmp_path):
-    """A checkpoint whose training state was cut off mid-write is not resumed from."""
+def test_latest_checkpoint_skips_a_copy_cut_short(tmp_path, caplog):
+    """A checkpoint whose training state was cut off mid-write is not resumed from; Ray Train's
+    checkpoint_manager_snapshot.json beside the checkpoints is not one (and not warned about)."""
     model = build_model(TINY)
     optimizer = make_optimizer(model, 1e-3, [0.5, 0.9], 0.0)
     from pipeline.train.checkpoint import write_checkpoint
@@ -214,9 +215,14 @@ def test_latest_checkpoint_skips_a_copy_cut_short(tmp_path):
         directory = tmp_path / f"checkpoint_{step:08d}"
         directory.mkdir()
         write_checkpoint(str(directory), model, optimizer, step, TrainRunConfig(model=TINY))
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
     state = tmp_path / "checkpoint_00000004" / "training_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    with caplog.at_level("WARNING", logger="latentpipe.train"):
+        assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"skipping incomplete checkpoint {tmp_path / 'checkpoint_00000004'}"
+    ]
     assert latest_checkpoint(str(tmp_path / "absent")) is None
     # Weights cut short (the artifact's card pins their sha256) are incomplete too.
     weights = tmp_path / "checkpoint_00000002" / "model" / "diffusion_pytorch_model.safetensors"
