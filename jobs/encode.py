@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cli import main  # noqa: E402
+from pipeline.raynoise import filter_ray_noise  # noqa: E402
 
 if __name__ == "__main__":
+    filter_ray_noise()  # Ray's known-harmless ERROR lines out of the job log (see the module)
     sys.exit(main(["encode", *sys.argv[1:]]))

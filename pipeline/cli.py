@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pipeline.config import ConfigError, load_config, split_cli_args, to_yaml
 from pipeline.errors import ResumableError
+from pipeline.raynoise import filter_ray_noise  # stdlib only: cheap at import
 
 
 @dataclass
@@ -93,6 +94,8 @@ commands:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (console script, python -m), not an in-process caller
+        filter_ray_noise()  # Ray's known-harmless ERROR lines out of the output (see the module)
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help", "help"):
