@@ -103,7 +103,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     run_cfg = TrainRunConfig(data=cfg.data, model=cfg.model, loss=cfg.loss, train=cfg.train)
     trained = train(run_cfg)
     log.info("[3/6] exporting the encoder to ONNX")
-    model_dir = resolve_model_dir(trained["checkpoint"])
+    # The weights export picks (the EMA's with train.ema_decay > 0): verify and the report too.
+    model_dir = resolve_model_dir(trained["checkpoint"], cfg.export.weights)
     export_cfg = dataclasses.replace(cfg.export, model=model_dir)
     sidecar = export_from_artifact(export_cfg)
     encoder_path = f"{export_cfg.output}/encoder.onnx"

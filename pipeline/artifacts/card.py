@@ -14,7 +14,8 @@ JSON that fully describes the model. Its layout depends on the model:
 kind, the architecture (``model``: a ``ModelConfig`` as a dict), the image the model takes
 (channels, value range, native resolution), the latent scale in effect (and where it came
 from), the held-out quality, provenance (run, step, training data, or the import source) and the
-weights' file name and sha256. It sits *beside* diffusers' config.json rather than inside it so
+weights' file name, sha256 and kind (``raw``, ``ema`` for the moving average training keeps in a
+checkpoint's ``model_ema/``, ``published`` for an import). It sits *beside* diffusers' config.json rather than inside it so
 config.json stays exactly what diffusers itself writes (``save_pretrained`` round-trips it, and no
 diffusers version can start warning about keys it does not know). A directory diffusers saved,
 with no latentpipe.json, is read as an ``AutoencoderKL`` described by its config.json alone
@@ -40,7 +41,12 @@ from typing import Any
 import fsspec
 
 from pipeline.contracts.fields import Fields
-from pipeline.contracts.sidecar import file_sha256, latentpipe_version
+from pipeline.contracts.sidecar import (
+    WEIGHT_KINDS,
+    default_weight_kind,
+    file_sha256,
+    latentpipe_version,
+)
 
 CARD_FILE = "latentpipe.json"
 CARD_FORMAT = "latentpipe.model"
@@ -52,8 +58,11 @@ DIFFUSERS_BIN = (
 )
 NATIVE_WEIGHTS = "model.safetensors"
 # A training checkpoint holds its model artifact in this subdirectory (the trainer's own state
-# sits beside it; see pipeline/train/checkpoint.py).
+# sits beside it; see pipeline/train/checkpoint.py) and, with train.ema_decay > 0, a second
+# artifact with the EMA of the weights in the other.
 CHECKPOINT_MODEL_DIR = "model"
+CHECKPOINT_EMA_DIR = "model_ema"
+CHECKPOINT_WEIGHTS = {"raw": CHECKPOINT_MODEL_DIR, "ema": CHECKPOINT_EMA_DIR}
 
 LAYOUT_AUTOENCODER_KL = "diffusers.AutoencoderKL"
 LAYOUT_VQ_MODEL = "diffusers.VQModel"
@@ -161,6 +170,7 @@ class ModelCard:
     quality: dict | None = None  # held-out figures (pipeline.evaluate.quality), when measured
     created: str = ""
     latentpipe_version: str = ""
+    weights_kind: str = "raw"  # which weights (contracts.sidecar.WEIGHT_KINDS): raw, ema, published
 
     @property
     def diffusers_layout(self) -> bool:
@@ -179,6 +189,7 @@ class ModelCard:
                 "file": self.weights_file,
                 "sha256": self.weights_sha256,
                 "bytes": self.weights_bytes,
+                "kind": self.weights_kind,
             },
             "model": _copy(self.model),
             "image": self.image.to_dict(),
@@ -204,6 +215,7 @@ class ModelCard:
                 f"(this latentpipe reads version {CARD_VERSION})"
             )
         weights = f.sub("weights")
+        provenance = Provenance.from_dict(f.sub("provenance"))
         card = cls(
             kind=f.str("kind"),
             layout=f.str("layout", choices=LAYOUTS),
@@ -213,10 +225,16 @@ class ModelCard:
             model=f.dict("model"),
             image=ImageSpec.from_dict(f.sub("image")),
             latent_scale=LatentScale.from_dict(f.sub("latent_scale")),
-            provenance=Provenance.from_dict(f.sub("provenance")),
+            provenance=provenance,
             quality=f.dict("quality", optional=True),
             created=f.str("created"),
             latentpipe_version=f.str("latentpipe_version"),
+            # Cards from before weights.kind: a run's raw weights, or an import's.
+            weights_kind=(
+                weights.str("kind", choices=WEIGHT_KINDS)
+                if weights.has("kind")
+                else default_weight_kind(provenance.source is None)
+            ),
         )
         if card.model.get("kind") != card.kind:
             raise ArtifactError(
@@ -251,22 +269,42 @@ def is_model_dir(directory: str) -> bool:
     return exists(join(directory, CARD_FILE)) or exists(join(directory, DIFFUSERS_CONFIG))
 
 
-def resolve_model_dir(path: str) -> str:
+def resolve_model_dir(path: str, weights: str = "raw") -> str:
     """The model artifact ``path`` names: ``path`` itself, a checkpoint's ``model/``, or for a
     run directory the ``model/`` of its newest complete ``checkpoint_*`` (what a job chain
-    knows before training has named its checkpoints)."""
+    knows before training has named its checkpoints).
+
+    ``weights="ema"`` prefers a checkpoint's ``model_ema/`` (the EMA of the weights) when it
+    has a complete one; an artifact ``path`` names itself is used as it is, whatever it holds.
+    """
     if is_model_dir(path):
         return path.rstrip("/")
     inner = join(path, CHECKPOINT_MODEL_DIR)
-    if is_model_dir(inner):
-        return inner
-    newest = latest_checkpoint_model(path)
-    if newest is not None:
-        return newest
+    if not is_model_dir(inner):
+        inner = latest_checkpoint_model(path)
+    if inner is not None:
+        return _preferred_weights(inner, weights)
     raise FileNotFoundError(
         f"{path} is not a model artifact: it holds neither {CARD_FILE} nor {DIFFUSERS_CONFIG} "
         f"(nor does {inner}, as a training checkpoint would, nor a complete checkpoint_*/)"
     )
+
+
+def checkpoint_weights(checkpoint: str, weights: str) -> str:
+    """The artifact directory of ``weights`` ("raw" or "ema") inside a checkpoint directory."""
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights must be one of {list(CHECKPOINT_WEIGHTS)}, got {weights!r}")
+    return join(checkpoint, CHECKPOINT_WEIGHTS[weights])
+
+
+def _preferred_weights(model_dir: str, weights: str) -> str:
+    """A checkpoint's ``model/`` or, for ``weights="ema"``, its complete ``model_ema/``."""
+    checkpoint = checkpoint_of(model_dir)
+    if weights != "raw" and checkpoint is not None:
+        candidate = checkpoint_weights(checkpoint, weights)
+        if is_complete(candidate):
+            return candidate
+    return model_dir
 
 
 def latest_checkpoint_model(run_directory: str) -> str | None:

@@ -55,6 +55,7 @@ from pipeline.artifacts.diffusers_format import (
 )
 from pipeline.artifacts.diffusers_keys import identity_conv, map_state_dict, to_diffusers_state_dict
 from pipeline.config import ConfigError, load_dict_as
+from pipeline.contracts.sidecar import default_weight_kind
 from pipeline.models import ModelConfig, build_model, training_buffers
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,13 @@ def save_model_artifact(
     provenance: Provenance,
     latent_scale: LatentScale | None = None,
     quality: dict | None = None,
+    weights_kind: str | None = None,
 ) -> ModelCard:
     """Write ``model`` (built from ``model_cfg``) as a model artifact into ``directory``.
 
     ``latent_scale`` defaults to the published factors of ``model_cfg`` (imports), else unset.
+    ``weights_kind`` ("raw", "ema", "published") defaults to "published" for an import (a
+    ``provenance.source``) and "raw" otherwise.
     """
     layout = layout_for(model_cfg)
     scale = latent_scale or published_scale(model_cfg)
@@ -98,6 +102,7 @@ def save_model_artifact(
         latent_scale=scale,
         provenance=provenance,
         quality=quality,
+        weights_kind=weights_kind or default_weight_kind(provenance.source is None),
     )
     _write_descriptions(directory, card, model_cfg)
     return card
@@ -216,6 +221,7 @@ def _diffusers_card(
         image=ImageSpec(model_cfg.in_channels, "signed", model_cfg.resolution),
         latent_scale=published_scale(model_cfg),
         provenance=Provenance(source={"format": "diffusers", "path": directory, "weights": name}),
+        weights_kind="published",
     )
 
 

@@ -30,6 +30,12 @@ exports) and ``"fixed"`` ones accept only ``resolution`` x ``resolution`` images
 ``quality`` (optional) holds the model's held-out figures from training
 (``pipeline.evaluate.quality``: ``psnr_db``, ``ssim``, ``images`` and, for VQ, codebook usage);
 ``latentpipe verify`` compares a corpus's decoded PSNR with it.
+
+``weights`` says which weights the encoder holds (:data:`WEIGHT_KINDS`): ``"raw"`` (the trained
+weights as the optimiser left them), ``"ema"`` (their exponential moving average, kept by
+training with ``train.ema_decay``) or ``"published"`` (an import: weights as someone else
+published them). Sidecars written before the field existed still load: theirs is ``"published"``
+when the model has no training step (an import), else ``"raw"`` (all that export wrote then).
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ SPATIAL_MODES = ("dynamic", "fixed")
 MODEL_KINDS = ("kl", "vq")
 DISTANCES = ("l2", "cosine")
 INDEX_DTYPES = ("uint16", "int32")
+# Which weights a model artifact or an encoder holds; see the module docstring.
+WEIGHT_KINDS = ("raw", "ema", "published")
 VQ_KEYS = ("num_codes", "code_dim", "distance", "index_dtype", "codebook_file", "codebook_sha256")
 
 
@@ -201,6 +209,7 @@ class Sidecar:
     latentpipe_version: str
     vq: VQSpec | None = None
     output_dtypes: dict | None = None
+    weights: str = "raw"  # one of WEIGHT_KINDS
 
     @property
     def is_vq(self) -> bool:
@@ -276,6 +285,7 @@ class Sidecar:
                 "latent_stats": _copy(self.latent_stats),
                 "parity": _copy(self.parity),
                 "model": self.model.to_dict(),
+                "weights": self.weights,
                 "created": self.created,
                 "latentpipe_version": self.latentpipe_version,
             }
@@ -300,6 +310,11 @@ class Sidecar:
             )
         kind = f.str("model_kind", choices=MODEL_KINDS)
         factor = f.int("downsample_factor", minimum=1)
+        model = (
+            ModelRef.from_dict(f.sub("model"))
+            if version >= 2
+            else ModelRef.from_v1_checkpoint(f.sub("checkpoint"))
+        )
         sidecar = cls(
             model_kind=kind,
             onnx_file=f.str("onnx_file"),
@@ -316,16 +331,17 @@ class Sidecar:
             scaling_source=f.str("scaling_source") if f.has("scaling_source") else "data",
             latent_stats=f.dict("latent_stats"),
             parity=f.dict("parity"),
-            model=(
-                ModelRef.from_dict(f.sub("model"))
-                if version >= 2
-                else ModelRef.from_v1_checkpoint(f.sub("checkpoint"))
-            ),
+            model=model,
             quality=f.dict("quality", optional=True),
             created=f.str("created"),
             latentpipe_version=f.str("latentpipe_version"),
             vq=VQSpec.from_dict(f) if kind == "vq" else None,
             output_dtypes=f.dict("output_dtypes") if kind == "vq" else None,
+            weights=(
+                f.str("weights", choices=WEIGHT_KINDS)
+                if f.has("weights")
+                else default_weight_kind(model.step is not None)
+            ),
         )
         return sidecar
 
@@ -409,6 +425,12 @@ def latentpipe_version() -> str:
         return "unknown"
 
 
+def default_weight_kind(trained: bool) -> str:
+    """What an artifact or sidecar from before the ``weights`` field holds: a trained model's
+    raw weights (nothing else was written then), or an import's published ones."""
+    return "raw" if trained else "published"
+
+
 def index_dtype(num_codes: int) -> str:
     """Smallest stored dtype for code indices: uint16 holds 0..65535, i.e. up to 65536 codes."""
     return "uint16" if num_codes <= 65536 else "int32"
@@ -444,6 +466,7 @@ def build_sidecar(
     vq: dict[str, Any] | None = None,
     spatial: str = "dynamic",
     quality: dict[str, Any] | None = None,
+    weights: str = "raw",
 ) -> Sidecar:
     """Assemble a sidecar; ``latent_stats`` has mean, std, samples, source.
 
@@ -453,6 +476,7 @@ def build_sidecar(
     ``spatial`` says whether the graph's height/width axes are "dynamic" or "fixed".
     ``model``: the model artifact the encoder came from (a :class:`ModelRef` or its dict).
     ``quality``: the model's held-out figures (its card's ``quality``), when training measured them.
+    ``weights``: which weights the model holds (:data:`WEIGHT_KINDS`; its card's ``weights.kind``).
     The result is validated exactly as a loaded sidecar is, so export cannot write one that
     readers refuse.
     """
@@ -484,6 +508,7 @@ def build_sidecar(
         "latent_stats": dict(latent_stats),
         "parity": dict(parity),
         "model": model.to_dict() if isinstance(model, ModelRef) else dict(model),
+        "weights": weights,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "latentpipe_version": latentpipe_version(),
     }

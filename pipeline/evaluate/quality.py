@@ -25,7 +25,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from pipeline.artifacts.card import LatentScale, ModelCard, checkpoint_of, join
+from pipeline.artifacts.card import LatentScale, ModelCard, checkpoint_of, join, resolve_model_dir
 from pipeline.artifacts.store import load_model_artifact, update_model_artifact
 from pipeline.config import load_dict_as
 from pipeline.data.reader import DataConfig, ShardImageDataset
@@ -174,19 +174,33 @@ def evaluate_checkpoint(checkpoint: str, limit: int, iwae_k: int) -> dict | None
     (and, for autoencoders, the measured latent scale) in the artifact and in `eval.json`
     beside the checkpoint. `checkpoint` may also be a model artifact directory itself.
 
+    A checkpoint with EMA weights (model_ema/, train.ema_decay > 0) has them evaluated on the
+    same images too: each artifact records its own figures and latent scale, and the result
+    (and eval.json) holds the raw weights' figures with the EMA's under "ema".
     Returns None (and says why) when the run has no validation shards.
     """
-    model, _, card = load_model_artifact(checkpoint)
+    raw_dir = resolve_model_dir(checkpoint)
+    model, _, card = load_model_artifact(raw_dir)
     data = run_data(card, checkpoint)
     if data is None or not data.val_shards:
         log.info("no data.val_shards: skipping the held-out evaluation")
         return None
-    metrics, scale = _evaluate(model, data, limit, iwae_k)
-    update_model_artifact(checkpoint, latent_scale=scale, quality=metrics)
-    with fsspec.open(join(_eval_dir(checkpoint), EVAL_FILE), "w") as f:
+    metrics = _evaluate_artifact(raw_dir, model, data, limit, iwae_k)
+    ema_dir = resolve_model_dir(checkpoint, "ema")
+    if ema_dir != raw_dir:
+        ema_model, _, _ = load_model_artifact(ema_dir)
+        metrics["ema"] = _evaluate_artifact(ema_dir, ema_model, data, limit, iwae_k)
+    with fsspec.open(join(_eval_dir(raw_dir), EVAL_FILE), "w") as f:
         json.dump(metrics, f, indent=2)
     log.info("held-out evaluation: %s", metrics)
     return metrics
+
+
+def _evaluate_artifact(directory: str, model, data: DataConfig, limit: int, iwae_k: int) -> dict:
+    """The figures of one artifact's model, recorded in that artifact with its latent scale."""
+    metrics, scale = _evaluate(model, data, limit, iwae_k)
+    update_model_artifact(directory, latent_scale=scale, quality=metrics)
+    return dict(metrics)
 
 
 def _eval_dir(path: str) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import fsspec
@@ -44,11 +45,22 @@ SIDECAR_NAME = "encoder.json"
 CODEBOOK_NAME = "codebook.npy"
 
 
+class Weights(StrEnum):
+    """Which weights of a checkpoint export takes (``export.weights``)."""
+
+    ema = "ema"  # its model_ema/ (train.ema_decay > 0) when it has one, else model/
+    raw = "raw"  # always model/
+
+
 @dataclass
 class ExportConfig:
     """``model``: a model artifact directory (latentpipe's or diffusers'), a ``checkpoint_*``
     directory (its ``model/``) or a run directory (its newest complete checkpoint).
-    ``scale_shards`` defaults to the data the model was trained on: val_shards, then shards."""
+    ``scale_shards`` defaults to the data the model was trained on: val_shards, then shards.
+    ``weights``: from a checkpoint or run directory, ``ema`` exports the EMA of the weights
+    (``model_ema/``, written with ``train.ema_decay`` > 0) when the checkpoint has it, else the
+    raw ``model/``; ``raw`` always exports ``model/``. An artifact named directly is exported as
+    it is; the sidecar's ``weights`` says what it held."""
 
     model: str = MISSING
     output: str = MISSING
@@ -58,6 +70,10 @@ class ExportConfig:
     scale_shards: str = ""
     scale_samples: int = 256
     device: str = "cpu"
+    weights: Weights = Weights.ema
+
+    def __post_init__(self) -> None:
+        self.weights = Weights(self.weights)  # a bad value fails here or at config load
 
 
 def _declared_scale(model: nn.Module) -> dict[str, float] | None:
@@ -92,6 +108,7 @@ def export_model(
     model_ref: ModelRef | None = None,
     stats_device: str = "cpu",
     quality: dict[str, Any] | None = None,
+    weights: str = "raw",
 ) -> Sidecar:
     """Export ``model``'s encoder to ``{output}/encoder.onnx`` + sidecar; return the sidecar.
 
@@ -102,7 +119,8 @@ def export_model(
     ``stats_device`` only hosts the latent-statistics pass. ``scale_samples`` <= 0 skips
     statistics (scaling_factor 1). A model whose config carries a published ``scaling_factor``
     (> 0, set by imports) keeps it and its ``shift_factor`` in the sidecar; measured statistics
-    are then recorded for reference only.
+    are then recorded for reference only. ``weights`` (raw, ema, published) is recorded in the
+    sidecar: which weights of the model were exported.
     """
     model = model.eval()
     with tempfile.TemporaryDirectory(prefix="latentpipe-export-") as tmp:
@@ -126,6 +144,7 @@ def export_model(
             model=model_ref or ModelRef(),
             vq=vq,
             quality=quality,  # held-out figures of the model (PSNR/SSIM), from training
+            weights=weights,
         )
         sidecar_local = write_sidecar(os.path.join(tmp, SIDECAR_NAME), sidecar)
         extra = [os.path.join(tmp, CODEBOOK_NAME)] if vq else []
@@ -169,10 +188,9 @@ def export_from_artifact(cfg: ExportConfig) -> Sidecar:
     """Load a model artifact (see :class:`ExportConfig`) and export its encoder; returns the
     sidecar, which names the artifact by path and content hash."""
     _validate(cfg)
-    model_dir = resolve_model_dir(cfg.model)
-    if model_dir != cfg.model.rstrip("/"):
-        log.info("exporting the model artifact %s", model_dir)
+    model_dir = resolve_model_dir(cfg.model, str(cfg.weights))
     model, _, card = load_model_artifact(model_dir)
+    log.info("exporting the model artifact %s (%s weights)", model_dir, card.weights_kind)
     data = card.provenance.data or {}
     spec = cfg.scale_shards or str(data.get("val_shards") or "") or str(data.get("shards") or "")
     sidecar = export_model(
@@ -187,6 +205,7 @@ def export_from_artifact(cfg: ExportConfig) -> Sidecar:
         model_ref=ModelRef(model_dir, artifact_sha256(model_dir), card.provenance.step),
         stats_device=cfg.device,
         quality=card.quality,
+        weights=card.weights_kind,
     )
     save_resolved_config(cfg, cfg.output, "export-config.yaml")
     return sidecar
