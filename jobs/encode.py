@@ -1,8 +1,10 @@
 """Ray Job entrypoint: `latentpipe encode`. Encode image shards into latent shards + manifest with Ray Data and ONNX Runtime.
 
-Submit to a cluster (token auth: `ray job submit` reads RAY_AUTH_TOKEN or ~/.ray/auth_token;
-get it with `ray get-auth-token` on the head node, never put it on the command line):
+Submit to a cluster (token auth, README "Running on a Ray cluster": `ray job submit` needs
+RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token; get it with
+`ray get-auth-token` on the head node, never put it on the command line):
 
+    export RAY_AUTH_MODE=token
     export RAY_ADDRESS=http://127.0.0.1:8265     # e.g. after kubectl port-forward svc/<head> 8265
     ray job submit --working-dir . -- python jobs/encode.py \
         input=s3://bucket/shards/train output=s3://bucket/latents/train encoder=/mnt/encoders/kl-f4/encoder.onnx num_actors=8
