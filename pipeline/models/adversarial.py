@@ -153,18 +153,29 @@ def discriminator_step(
 
     Returns detached {"d_loss", "logits_real", "logits_fake"} (the logits as batch means).
     """
+    terms = discriminator_loss(disc, x, recon, loss_cfg, step)
+    if not terms:
+        return {}
+    disc_optimizer.zero_grad(set_to_none=True)
+    terms["d_loss"].backward()
+    disc_optimizer.step()
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def discriminator_loss(
+    disc: nn.Module, x: torch.Tensor, recon: torch.Tensor, loss_cfg: LossConfig, step: int
+) -> dict[str, torch.Tensor]:
+    """D's hinge loss on real ``x`` and detached ``recon`` before its backward (the trainer
+    accumulates it over micro-batches): {"d_loss" (with its graph), "logits_real",
+    "logits_fake" (detached batch means)}; {} before ``disc_start``."""
     if not adversarial_active(loss_cfg, step):
         return {}
     disc.train()
     # One forward over both halves: a DDP-wrapped D then sees exactly one forward per backward.
     logits = disc(torch.cat([x, recon.detach()]))
     logits_real, logits_fake = logits[: len(x)], logits[len(x) :]
-    d_loss = hinge_d_loss(logits_real, logits_fake)
-    disc_optimizer.zero_grad(set_to_none=True)
-    d_loss.backward()
-    disc_optimizer.step()
     return {
-        "d_loss": d_loss.detach(),
+        "d_loss": hinge_d_loss(logits_real, logits_fake),
         "logits_real": logits_real.detach().mean(),
         "logits_fake": logits_fake.detach().mean(),
     }

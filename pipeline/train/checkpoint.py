@@ -4,15 +4,18 @@
                               safetensors + latentpipe.json (run, step, data) + for KL (and l2
                               VQ) models diffusers' config.json; what export, evaluation, the
                               report, verify and the demo read
-    <dir>/training_state.pt   {"optimizer", "step", "model_buffers"} (+ "disc",
-                              "disc_optimizer" with the adversarial loss), torch.save'd and
-                              loaded weights_only; "model_buffers" are the buffers only training
-                              reads (a VQ codebook's EMA statistics and re-seeding pool)
+    <dir>/training_state.pt   {"optimizer", "step", "model_buffers", "data", "scaler"} (+
+                              "disc", "disc_optimizer" with the adversarial loss), torch.save'd
+                              and loaded weights_only; "model_buffers" are the buffers only
+                              training reads (a VQ codebook's EMA statistics and re-seeding
+                              pool), "data" every rank's data-stream position (merged
+                              `DataCursor` states), "scaler" the fp16 GradScaler ({} otherwise)
     <dir>/config.yaml         the resolved training config (data, model, loss, train)
 
 Training state is read only here, by the trainer: everything else loads ``<dir>/model``.
-RNG streams are not stored: every rank reseeds from (seed, rank, step) when it starts, so a
-resumed run is as deterministic as an uninterrupted one without carrying per-rank state.
+RNG streams are not stored: every rank reseeds torch, numpy and random from (seed, rank, step)
+before every step (pipeline/train/resume.py), so no RNG state carries from one step to the next
+and a resumed run draws what the uninterrupted one draws.
 """
 
 from __future__ import annotations
@@ -44,12 +47,19 @@ MODEL_DIR = CHECKPOINT_MODEL_DIR
 
 
 def write_checkpoint(
-    directory: str, model, optimizer, step: int, cfg: TrainRunConfig, extra: dict | None = None
+    directory: str,
+    model,
+    optimizer,
+    step: int,
+    cfg: TrainRunConfig,
+    extra: dict | None = None,
+    plain: dict | None = None,
 ) -> None:
     """Write a checkpoint into a local directory (Ray Train uploads it to storage).
 
     `model` is the bare model (not a DDP wrapper). `extra` holds further stateful parts by
-    name (e.g. "disc", "disc_optimizer"): anything with a `state_dict()`.
+    name (e.g. "disc", "disc_optimizer"): anything with a `state_dict()`; `plain` entries that
+    are saved as they are (e.g. "data", "scaler": tensors and JSON-like values).
     """
     save_model_artifact(
         os.path.join(directory, MODEL_DIR),
@@ -65,6 +75,7 @@ def write_checkpoint(
         "model_buffers": {k: v for k, v in model.state_dict().items() if k in buffers},
     }
     state.update({name: part.state_dict() for name, part in (extra or {}).items()})
+    state.update(plain or {})
     torch.save(state, os.path.join(directory, STATE_FILE))
     save_resolved_config(cfg, directory, CONFIG_FILE)
 

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pipeline.data.reader import DataConfig
 from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
+
+
+class Precision(StrEnum):
+    """Compute precision of forward passes and losses (pipeline/train/precision.py); weights,
+    gradients and optimiser state stay float32 in every mode."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # torch.autocast to bfloat16, CPU and CUDA
+    fp16 = "fp16"  # CUDA only: autocast to float16 with a GradScaler (in the checkpoint)
+
+
+class LrSchedule(StrEnum):
+    """Learning-rate curve after the linear warm-up (pipeline/train/schedule.py)."""
+
+    constant = "constant"
+    cosine = "cosine"  # half a cosine from the base lr down to 0 at train.steps
 
 
 @dataclass
@@ -42,10 +59,26 @@ class TrainConfig:
     upload_attempts: int = 6
     upload_backoff_s: float = 1.0
     seed: int = 0
+    precision: Precision = Precision.fp32  # fp32 | bf16 (CPU, CUDA) | fp16 (CUDA, GradScaler)
+    # Micro-batches of data.batch_size per optimiser step (DDP syncs gradients on the last one
+    # only): the global batch is num_workers x data.batch_size x grad_accum_steps.
+    grad_accum_steps: int = 1
+    # lr at step s = lr (scaled for the world size) x schedule(s): linear warm-up over
+    # warmup_steps, then constant or cosine to 0 at train.steps. A pure function of the step,
+    # so a resumed run continues the same curve (if train.steps is unchanged).
+    lr_schedule: LrSchedule = LrSchedule.constant
+    warmup_steps: int = 0
+    compile: bool = False  # torch.compile the autoencoder and discriminator (first steps compile)
+    channels_last: bool = False  # NHWC memory format for models and images (faster convs on GPU)
     # After the last step, on data.val_shards (skipped without them): PSNR/SSIM for
     # autoencoders, negative ELBO and IWAE NLL for the textbook VAEs.
     eval_images: int = 256
     iwae_k: int = 100  # importance samples per image for the IWAE estimate of -log p(x)
+
+    def __post_init__(self) -> None:
+        # Choices are Enums: a bad value fails at config load (OmegaConf names the key) or here.
+        self.precision = Precision(self.precision)
+        self.lr_schedule = LrSchedule(self.lr_schedule)
 
 
 @dataclass

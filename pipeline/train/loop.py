@@ -11,30 +11,37 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.data.reader import make_loader
 from pipeline.models import build_model
 from pipeline.models.adversarial import adversarial_enabled, discriminator_lr
 from pipeline.models.discriminator import build_discriminator
 from pipeline.train.checkpoint import read_state, write_checkpoint
 from pipeline.train.config import TrainConfig, TrainRunConfig, run_dir
+from pipeline.train.precision import check_options, make_amp, prepare_module, to_layout
+from pipeline.train.resume import ResumableBatches, reseed
 from pipeline.train.retry import with_retries
+from pipeline.train.schedule import ScheduledLr, check_schedule
 from pipeline.train.step import (
     LR_SCALING,
     Adversary,
     MetricMeter,
+    accumulated_step,
     lr_factor,
     make_optimizer,
     set_lr,
-    train_step,
 )
 
 log = logging.getLogger("latentpipe.train")
+
+
+def _alone(obj: Any) -> list:
+    return [obj]
 
 
 @dataclass
@@ -48,57 +55,70 @@ class WorkerContext:
     # report(step, metrics, write_fn): every rank calls it at checkpoint steps; write_fn(dir)
     # fills a local directory with the checkpoint and is used by rank 0 only.
     report: Callable[[int, dict, Callable[[str], None]], None]
+    # every rank's object, in rank order (a collective under DDP); [obj] in one process
+    all_gather: Callable[[Any], list] = field(default=_alone)
 
 
 def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
     """Train until cfg.train.steps, logging and checkpointing; returns the last metrics."""
     torch.manual_seed(cfg.train.seed)  # initial weights depend on the seed only, on every rank
-    model = build_model(cfg.model).to(ctx.device)
+    model = prepare_module(build_model(cfg.model).to(ctx.device), cfg.train)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     extra = _adversarial_parts(cfg, ctx.device)
-    step = _restore(ctx.resume_dir, model, optimizer, extra)
+    amp = make_amp(cfg.train.precision, ctx.device)
+    step, saved = _restore(ctx.resume_dir, model, optimizer, extra)
+    amp.load_state_dict(saved.get("scaler") or {})
     if step >= cfg.train.steps:
         if ctx.rank == 0:
             log.info("run already at step %d of %d: nothing to do", step, cfg.train.steps)
         return {"step": step}
     # Every (re)start may have another world size (elastic runs): fields of each metrics record.
     scale = _scale_for_world_size(cfg, ctx, optimizer, extra)
+    schedule = ScheduledLr(cfg.train, [optimizer] + ([extra["disc_optimizer"]] if extra else []))
     resumed = {"resumed_from": step} if step else {}  # marks the first record after a resume
-    # Reseeding from (seed, rank, step) makes a resumed run as reproducible as a fresh one.
-    torch.manual_seed(cfg.train.seed * 1_000_003 + ctx.rank * 7919 + step)
     wrapped = ctx.wrap(model)
     adversary = None
     if extra:  # DDP on the discriminator too: every one of its parameters is used each step
-        adversary = Adversary(ctx.wrap(extra["disc"]), extra["disc_optimizer"])
-    batches = iter(make_loader(cfg.data, ctx.rank, ctx.world_size, repeat=True, epoch=step))
+        disc = prepare_module(extra["disc"], cfg.train)
+        adversary = Adversary(ctx.wrap(disc), extra["disc_optimizer"])
+    data = ResumableBatches(
+        cfg.data,
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+        saved.get("data"),
+        fresh_epoch=step,
+        layout=lambda images: to_layout(images, cfg.train),
+    )
     metrics_log = MetricsLog.for_run(cfg.train) if ctx.rank == 0 else None
     meter, started, last = MetricMeter(), time.perf_counter(), {"step": step}
     while step < cfg.train.steps:
-        images, labels = to_device(next(batches), ctx.device)
-        terms = train_step(
-            wrapped, images, optimizer, cfg.loss, cfg.train.grad_clip, labels, step, adversary
+        reseed(cfg.train.seed, ctx.rank, step)  # no RNG state carries across steps (resume.py)
+        lr = schedule.apply(step)
+        micro = data.take(cfg.train.grad_accum_steps)
+        terms = accumulated_step(
+            wrapped, micro, optimizer, cfg.loss, cfg.train.grad_clip, step, adversary, amp
         )
-        meter.add(terms, len(images))
+        meter.add(terms, sum(len(images) for images, _ in micro))
         step += 1
         at_end = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or at_end:
-            last = {**_interval_metrics(meter, step, started, ctx), **scale, **resumed}
+            last = {**_interval_metrics(meter, step, started, ctx), **scale, "lr": lr, **resumed}
             resumed = {}
             if metrics_log is not None:
                 metrics_log.write(last)
             meter, started = MetricMeter(), time.perf_counter()
         if step % cfg.train.checkpoint_every == 0 or at_end:
+            # every rank's data position, then the barrier of report: all ranks get here
+            state = {"data": data.gathered_state(ctx.all_gather), "scaler": amp.state_dict()}
             ctx.report(
-                step, last, lambda d, s=step: write_checkpoint(d, model, optimizer, s, cfg, extra)
+                step,
+                last,
+                lambda d, s=step, st=state: write_checkpoint(
+                    d, model, optimizer, s, cfg, extra, st
+                ),
             )
     return last
-
-
-def to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None) on `device`; the loader yields labels only with data.label_field."""
-    images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-    images = images.to(device, non_blocking=True)
-    return images, None if labels is None else labels.to(device, non_blocking=True)
 
 
 def check_run_config(cfg: TrainRunConfig) -> None:
@@ -108,6 +128,8 @@ def check_run_config(cfg: TrainRunConfig) -> None:
             f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
         )
     _check_scaling(cfg.train)
+    check_options(cfg.train)
+    check_schedule(cfg.train)
 
 
 def _check_scaling(t: TrainConfig) -> None:
@@ -133,16 +155,17 @@ def _scale_for_world_size(cfg: TrainRunConfig, ctx: WorkerContext, optimizer, ex
     set_lr(optimizer, lr)
     if extra:  # the discriminator's rate scales the same way
         set_lr(extra["disc_optimizer"], discriminator_lr(cfg.loss, t.lr) * factor)
-    global_batch = ctx.world_size * cfg.data.batch_size
+    global_batch = ctx.world_size * cfg.data.batch_size * t.grad_accum_steps
     if ctx.rank == 0:
         elastic = f" (elastic {t.min_workers}..{t.num_workers})" if t.min_workers else ""
         log.info(
-            "world size %d%s: global batch %d (%d per worker), lr %.4g (lr_scaling=%s, "
-            "base world size %d)",
+            "world size %d%s: global batch %d (%d per worker x %d micro-batches), lr %.4g "
+            "(lr_scaling=%s, base world size %d)",
             ctx.world_size,
             elastic,
             global_batch,
             cfg.data.batch_size,
+            t.grad_accum_steps,
             lr,
             t.lr_scaling,
             base,
@@ -162,9 +185,10 @@ def _adversarial_parts(cfg: TrainRunConfig, device: torch.device) -> dict:
     }
 
 
-def _restore(resume_dir: str | None, model, optimizer, extra: dict) -> int:
+def _restore(resume_dir: str | None, model, optimizer, extra: dict) -> tuple[int, dict]:
+    """(step, the checkpoint's training state) after loading model, optimiser and `extra`."""
     if resume_dir is None:
-        return 0
+        return 0, {}
     state = read_state(resume_dir)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -174,7 +198,7 @@ def _restore(resume_dir: str | None, model, optimizer, extra: dict) -> int:
         else:  # e.g. the adversarial loss was switched on when resuming an older run
             log.info("checkpoint has no %r: starting it fresh", name)
     log.info("resumed from %s at step %d", resume_dir, state["step"])
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 def _interval_metrics(meter: MetricMeter, step: int, started: float, ctx: WorkerContext) -> dict:

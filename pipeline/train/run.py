@@ -203,6 +203,7 @@ def _ray_worker(loop_config: dict) -> None:
             resume_dir=resume_dir,
             wrap=ray.train.torch.prepare_model,
             all_mean=_all_mean,
+            all_gather=_all_gather,
             report=lambda step, metrics, write: _ray_report(cfg.train, step, metrics, write),
         )
         run_loop(cfg, worker)
@@ -240,6 +241,15 @@ def _all_mean(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t
+
+
+def _all_gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order: each rank's data position at a checkpoint."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _checkpoint_url(storage_path: str, path: str) -> str:

@@ -7,15 +7,17 @@ device sync every step; the caller aggregates and converts once per logging inte
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.models import ClassicVAE, DiagonalGaussian
-from pipeline.models.adversarial import discriminator_step, generator_adversarial_terms
-from pipeline.models.textbook import beta_schedule, elbo_from_outputs
+from pipeline.models.adversarial import discriminator_loss, generator_adversarial_terms
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
+from pipeline.models.textbook import beta_schedule, elbo_from_outputs
+from pipeline.train.precision import Amp
 
 
 @dataclass
@@ -35,32 +37,93 @@ def train_step(
     labels: torch.Tensor | None = None,
     step: int = 0,
     adversary: Adversary | None = None,
+    amp: Amp | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step on `batch` (images; `labels` for conditional models).
+    """One optimiser step on `batch` (images; `labels` for conditional models): an
+    `accumulated_step` of one micro-batch. Returns the detached loss terms."""
+    return accumulated_step(
+        model, [(batch, labels)], optimizer, loss_cfg, grad_clip, step, adversary, amp
+    )
+
+
+def accumulated_step(
+    model: torch.nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor | None]],
+    optimizer: torch.optim.Optimizer,
+    loss_cfg: LossConfig,
+    grad_clip: float = 0.0,
+    step: int = 0,
+    adversary: Adversary | None = None,
+    amp: Amp | None = None,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step on the gradient of the mean loss over `micro_batches`
+    ((images, labels or None), equal sizes): the step one batch of them all would take, for
+    losses that are batch means (not so for batch statistics: BatchNorm in the discriminator,
+    VQ's EMA codebook updates run once per micro-batch, and the adaptive adversarial weight is
+    a ratio of each micro-batch's gradient norms).
 
     `step` is the number of steps done before this one (KL warm-up and the discriminator's
-    start read it). With an adversary, the order is taming's: generator update with the
-    adaptive-weighted hinge term, then one discriminator update on the detached reconstruction.
-    Returns the detached loss terms.
+    start read it). With an adversary, each micro-batch's generator loss includes the
+    adaptive-weighted hinge term and the discriminator's loss on its detached reconstruction is
+    back-propagated right after; the generator's and then the discriminator's optimiser step
+    once at the end. That is taming's order (generator update, then D on the detached
+    reconstruction): D's loss reads neither the generator's weights nor its update. Under DDP
+    gradients are all-reduced on the last micro-batch only (`no_sync` before). `amp` (default
+    float32) autocasts forward passes and, for fp16, scales losses. Returns the detached loss
+    terms, averaged over the micro-batches.
     """
+    amp = amp or Amp()
     model.train()
-    terms, recon = compute_loss(model, batch, labels, loss_cfg, step)
-    if adversary is not None:
-        adv = generator_adversarial_terms(
-            model, recon, terms["recon"], adversary.disc, loss_cfg, step
-        )
-        terms["loss"] = terms["loss"] + adv.pop("adv")
-        terms.update(adv)
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    if grad_clip > 0:
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    disc = adversary.disc if adversary is not None else None
     if adversary is not None:
-        terms.update(
-            discriminator_step(adversary.disc, adversary.optimizer, batch, recon, loss_cfg, step)
-        )
+        adversary.optimizer.zero_grad(set_to_none=True)
+    weight = 1.0 / len(micro_batches)
+    totals: dict[str, torch.Tensor] = {}
+    for index, (images, labels) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else no_sync(model, disc):
+            terms = _micro_step(model, images, labels, loss_cfg, step, adversary, amp, weight)
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0) + value * weight
+    if grad_clip > 0:
+        amp.unscale(optimizer)
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    amp.step(optimizer)
+    if "d_loss" in totals:  # D was trained this step (after loss.disc_start)
+        amp.step(adversary.optimizer)
+    amp.update()
+    return {name: value.detach() for name, value in totals.items()}
+
+
+def _micro_step(model, images, labels, loss_cfg, step, adversary, amp, weight) -> dict:
+    """Forward passes and backward of one micro-batch (gradients scaled by `weight`)."""
+    with amp.autocast():
+        terms, recon = compute_loss(model, images, labels, loss_cfg, step)
+        if adversary is not None:
+            adv = generator_adversarial_terms(
+                model, recon, terms["recon"], adversary.disc, loss_cfg, step
+            )
+            terms["loss"] = terms["loss"] + adv.pop("adv")
+            terms.update(adv)
+    amp.backward(terms["loss"] * weight)
+    if adversary is not None:
+        with amp.autocast():
+            d_terms = discriminator_loss(adversary.disc, images, recon, loss_cfg, step)
+        if d_terms:
+            amp.backward(d_terms["d_loss"] * weight)
+        terms.update(d_terms)
     return {name: value.detach() for name, value in terms.items()}
+
+
+@contextlib.contextmanager
+def no_sync(*modules: torch.nn.Module | None):
+    """DDP's `no_sync()` on every DDP-wrapped module given (gradients accumulate locally)."""
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            if module is not None and hasattr(module, "no_sync"):
+                stack.enter_context(module.no_sync())
+        yield
 
 
 def compute_loss(

@@ -83,7 +83,9 @@ def test_single_process_run_without_ray_resumes(tiny_shards, tmp_path):
     assert (card.provenance.step, card.provenance.run) == (6, f"{storage}/solo")
     assert card.provenance.data["shards"] == tiny_shards and card.image.resolution == 32
     state = read_state(second["checkpoint"])
-    assert set(state) == {"model", "optimizer", "step"}  # no discriminator in this run
+    # no discriminator in this run; the data stream's position; no GradScaler (fp32)
+    assert set(state) == {"model", "optimizer", "step", "data", "scaler"}
+    assert state["data"]["consumed"] == 6 and state["scaler"] == {}
     assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
 
 
