@@ -17,7 +17,11 @@ Order within one training step (taming's ``optimizer_idx`` 0 then 1):
     terms = compute_loss(x, (recon, second), loss_cfg)         # recon + KL / VQ
     adv = generator_adversarial_terms(model, recon, terms["recon"], disc, loss_cfg, step)
     (terms["loss"] + adv["adv"]).backward(); optimizer.step()  # 1. generator update
-    discriminator_step(disc, disc_optimizer, x, recon, loss_cfg, step)  # 2. D on detached recon
+    discriminator_loss(disc, x, recon, loss_cfg, step)["d_loss"].backward()  # 2. D's loss on
+    disc_optimizer.step()                                            # the detached recon
+
+The optimiser steps themselves are the trainer's (pipeline/train/step.py: accumulated over
+micro-batches, under autocast and a GradScaler); this module only computes losses.
 
 The generator's pass through D runs with D's parameters frozen and on the unwrapped module, so
 it neither computes D's weight gradients nor touches a DDP wrapper's reducer; D's own update
@@ -139,27 +143,6 @@ def generator_adversarial_terms(
     else:
         d_weight = zero  # evaluation under no_grad: no gradients to balance (taming does the same)
     return {"g_loss": g_loss, "d_weight": d_weight, "adv": d_weight * g_loss}
-
-
-def discriminator_step(
-    disc: nn.Module,
-    disc_optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    recon: torch.Tensor,
-    loss_cfg: LossConfig,
-    step: int,
-) -> dict[str, torch.Tensor]:
-    """One hinge update of D on real ``x`` and detached ``recon``; {} before ``disc_start``.
-
-    Returns detached {"d_loss", "logits_real", "logits_fake"} (the logits as batch means).
-    """
-    terms = discriminator_loss(disc, x, recon, loss_cfg, step)
-    if not terms:
-        return {}
-    disc_optimizer.zero_grad(set_to_none=True)
-    terms["d_loss"].backward()
-    disc_optimizer.step()
-    return {name: value.detach() for name, value in terms.items()}
 
 
 def discriminator_loss(

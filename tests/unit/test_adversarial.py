@@ -16,8 +16,8 @@ from torch import nn
 from pipeline.models import ModelConfig, VQConfig, build_model
 from pipeline.models.adversarial import (
     adaptive_weight,
+    discriminator_loss,
     discriminator_lr,
-    discriminator_step,
     generator_adversarial_terms,
     hinge_d_loss,
     hinge_g_loss,
@@ -122,7 +122,18 @@ def _adv_step(model, opt, disc, disc_opt, x, cfg, step):
     opt.zero_grad(set_to_none=True)
     (terms["loss"] + adv["adv"]).backward()
     opt.step()
-    return adv, discriminator_step(disc, disc_opt, x, recon, cfg, step)
+    return adv, _d_step(disc, disc_opt, x, recon, cfg, step)
+
+
+def _d_step(disc, disc_opt, x, recon, cfg, step):
+    """D's update as the trainer does it (its loss from the models layer, the step here)."""
+    terms = discriminator_loss(disc, x, recon, cfg, step)
+    if not terms:
+        return {}
+    disc_opt.zero_grad(set_to_none=True)
+    terms["d_loss"].backward()
+    disc_opt.step()
+    return {name: value.detach() for name, value in terms.items()}
 
 
 def test_nothing_happens_before_disc_start():
