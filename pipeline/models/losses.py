@@ -31,6 +31,12 @@ class LossConfig:
     disc_channels: int = 64  # width of the first layer; doubles per layer, capped at 8x
     disc_norm: str = "group"  # "group" | "batch" (taming/LDM) | "none"; see discriminator.py
     disc_lr: float = 0.0  # discriminator learning rate; 0 = the generator's train.lr
+    # Perceptual option (LDM: 1.0): recon += perceptual_weight * LPIPS (pipeline/models/
+    # perceptual.py), 0 = off. The two weight files are local paths on every training node,
+    # never downloaded (README, "Perceptual loss").
+    perceptual_weight: float = 0.0
+    lpips_vgg: str = ""  # torchvision's ImageNet VGG16 state dict, e.g. vgg16-397923af.pth
+    lpips_lin: str = ""  # LPIPS v0.1 linear heads: lpips/weights/v0.1/vgg.pth of the lpips package
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:

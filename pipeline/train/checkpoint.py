@@ -11,6 +11,10 @@
                               pool), "data" every rank's data-stream position (merged
                               `DataCursor` states), "scaler" the fp16 GradScaler ({} otherwise)
     <dir>/config.yaml         the resolved training config (data, model, loss, train)
+    <dir>/model_ema/          with train.ema_decay > 0: the EMA of the weights, a model artifact
+                              of its own (weights.kind "ema" in its latentpipe.json; a diffusers
+                              directory like model/); the training state's "ema" holds
+                              {"updates", "decay", "model_buffers"} beside it
 
 Training state is read only here, by the trainer: everything else loads ``<dir>/model``.
 RNG streams are not stored: every rank reseeds torch, numpy and random from (seed, rank, step)
@@ -28,7 +32,13 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.artifacts.card import CHECKPOINT_MODEL_DIR, ImageSpec, Provenance, join
+from pipeline.artifacts.card import (
+    CHECKPOINT_EMA_DIR,
+    CHECKPOINT_MODEL_DIR,
+    ImageSpec,
+    Provenance,
+    join,
+)
 from pipeline.artifacts.store import (
     config_dict,
     inference_state,
@@ -38,6 +48,7 @@ from pipeline.artifacts.store import (
 from pipeline.config import load_yaml_as, save_resolved_config
 from pipeline.models import training_buffers
 from pipeline.train.config import TrainRunConfig, run_dir
+from pipeline.train.ema import load_ema_entry, save_ema
 
 log = logging.getLogger("latentpipe.train")
 
@@ -54,12 +65,14 @@ def write_checkpoint(
     cfg: TrainRunConfig,
     extra: dict | None = None,
     plain: dict | None = None,
+    ema=None,
 ) -> None:
     """Write a checkpoint into a local directory (Ray Train uploads it to storage).
 
     `model` is the bare model (not a DDP wrapper). `extra` holds further stateful parts by
     name (e.g. "disc", "disc_optimizer"): anything with a `state_dict()`; `plain` entries that
-    are saved as they are (e.g. "data", "scaler": tensors and JSON-like values).
+    are saved as they are (e.g. "data", "scaler": tensors and JSON-like values). `ema` (a
+    pipeline.train.ema.ModelEMA) adds model_ema/ and the state's "ema" entry.
     """
     save_model_artifact(
         os.path.join(directory, MODEL_DIR),
@@ -76,6 +89,8 @@ def write_checkpoint(
     }
     state.update({name: part.state_dict() for name, part in (extra or {}).items()})
     state.update(plain or {})
+    if ema is not None:  # the EMA weights: a model artifact of their own, beside model/
+        state["ema"] = save_ema(os.path.join(directory, CHECKPOINT_EMA_DIR), ema, cfg, step)
     torch.save(state, os.path.join(directory, STATE_FILE))
     save_resolved_config(cfg, directory, CONFIG_FILE)
 
@@ -88,6 +103,8 @@ def read_state(directory: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     model, _, _ = load_model_artifact(join(directory, MODEL_DIR))
     state["model"] = {**inference_state(model), **state.pop("model_buffers")}
+    if "ema" in state:
+        state["ema"] = load_ema_entry(join(directory, CHECKPOINT_EMA_DIR), state["ema"])
     return state
 
 

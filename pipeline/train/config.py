@@ -35,8 +35,17 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # LDM's autoencoder setting
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # EMA of the weights (pipeline/train/ema.py), updated every optimiser step: 0 = off, e.g.
+    # 0.9999. Checkpoints then hold it as a second model artifact, model_ema/; the final
+    # evaluation measures both; export uses it by default (export.weights).
+    ema_decay: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 100  # also checkpoints at the last step
+    # TensorBoard event files in the run directory (pipeline/train/board.py): every metrics
+    # record as scalars, and a reconstruction grid of a fixed batch every image_every steps
+    # (0 = no grid).
+    tensorboard: bool = True
+    image_every: int = 100
     num_workers: int = 2  # Ray Train DDP workers; 0 runs the same loop in this process without Ray
     # Elastic training: 0 = always num_workers; 1..num_workers = Ray Train runs with as many
     # workers as the cluster has room for in [min_workers, num_workers], restarting the group

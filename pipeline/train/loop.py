@@ -21,9 +21,13 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.models import build_model
 from pipeline.models.adversarial import adversarial_enabled, discriminator_lr
 from pipeline.models.discriminator import build_discriminator
+from pipeline.models.perceptual import check_perceptual, load_perceptual
+from pipeline.train.board import RunBoard, check_board
 from pipeline.train.checkpoint import read_state, write_checkpoint
 from pipeline.train.config import TrainConfig, TrainRunConfig, run_dir
+from pipeline.train.ema import check_ema_decay, resume_ema
 from pipeline.train.precision import check_options, make_amp, prepare_module, to_layout
+from pipeline.train.progress import Progress
 from pipeline.train.resume import ResumableBatches, reseed
 from pipeline.train.retry import with_retries
 from pipeline.train.schedule import ScheduledLr, check_schedule
@@ -68,6 +72,8 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
     amp = make_amp(cfg.train.precision, ctx.device)
     step, saved = _restore(ctx.resume_dir, model, optimizer, extra)
     amp.load_state_dict(saved.get("scaler") or {})
+    ema = resume_ema(model, cfg.train.ema_decay, saved)  # None unless train.ema_decay > 0
+    perceptual = load_perceptual(cfg.loss, ctx.device)  # None unless loss.perceptual_weight > 0
     if step >= cfg.train.steps:
         if ctx.rank == 0:
             log.info("run already at step %d of %d: nothing to do", step, cfg.train.steps)
@@ -91,22 +97,41 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
         layout=lambda images: to_layout(images, cfg.train),
     )
     metrics_log = MetricsLog.for_run(cfg.train) if ctx.rank == 0 else None
+    board = RunBoard.for_worker(cfg, ctx.rank, step, ctx.device)  # TensorBoard, rank 0
+    progress = Progress(step, cfg.train.steps)
     meter, started, last = MetricMeter(), time.perf_counter(), {"step": step}
     while step < cfg.train.steps:
         reseed(cfg.train.seed, ctx.rank, step)  # no RNG state carries across steps (resume.py)
         lr = schedule.apply(step)
         micro = data.take(cfg.train.grad_accum_steps)
         terms = accumulated_step(
-            wrapped, micro, optimizer, cfg.loss, cfg.train.grad_clip, step, adversary, amp
+            wrapped,
+            micro,
+            optimizer,
+            cfg.loss,
+            cfg.train.grad_clip,
+            step,
+            adversary,
+            amp,
+            perceptual,
         )
+        if ema is not None:
+            ema.update(model)
         meter.add(terms, sum(len(images) for images, _ in micro))
         step += 1
+        board.after_step(step, [model] + ([ema.module] if ema else []))
         at_end = step == cfg.train.steps
         if step % cfg.train.log_every == 0 or at_end:
-            last = {**_interval_metrics(meter, step, started, ctx), **scale, "lr": lr, **resumed}
+            last = {
+                **_interval_metrics(meter, step, started, ctx, progress),
+                **scale,
+                "lr": lr,
+                **resumed,
+            }
             resumed = {}
             if metrics_log is not None:
                 metrics_log.write(last)
+            board.record(last)
             meter, started = MetricMeter(), time.perf_counter()
         if step % cfg.train.checkpoint_every == 0 or at_end:
             # every rank's data position, then the barrier of report: all ranks get here
@@ -115,9 +140,11 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
                 step,
                 last,
                 lambda d, s=step, st=state: write_checkpoint(
-                    d, model, optimizer, s, cfg, extra, st
+                    d, model, optimizer, s, cfg, extra, st, ema=ema
                 ),
             )
+            board.sync()  # object stores: the event files go up with the checkpoints
+    board.close()
     return last
 
 
@@ -128,6 +155,9 @@ def check_run_config(cfg: TrainRunConfig) -> None:
             f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
         )
     _check_scaling(cfg.train)
+    check_perceptual(cfg.loss, cfg.model.kind, str(cfg.data.value_range))
+    check_ema_decay(cfg.train.ema_decay)
+    check_board(cfg.train)
     check_options(cfg.train)
     check_schedule(cfg.train)
 
@@ -201,15 +231,16 @@ def _restore(resume_dir: str | None, model, optimizer, extra: dict) -> tuple[int
     return int(state["step"]), state
 
 
-def _interval_metrics(meter: MetricMeter, step: int, started: float, ctx: WorkerContext) -> dict:
+def _interval_metrics(
+    meter: MetricMeter, step: int, started: float, ctx: WorkerContext, progress: Progress
+) -> dict:
     """Averages over the interval and all ranks: one small all-reduce per log line."""
     means = meter.means(reduce=ctx.all_mean)
     seconds = time.perf_counter() - started
     record = {"step": step, **{k: round(v, 6) for k, v in means.items()}}
     record["images_per_s"] = round(meter.images * ctx.world_size / max(seconds, 1e-9), 2)
-    if ctx.rank == 0:
-        terms = "  ".join(f"{name} {value:.4g}" for name, value in means.items())
-        log.info("step %d  %s  %.1f img/s", step, terms, record["images_per_s"])
+    if ctx.rank == 0:  # step 120/400  loss ...  85.3 img/s  ETA 3m12s
+        log.info("%s", progress.line(step, means, record["images_per_s"]))
     return record
 
 

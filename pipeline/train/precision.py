@@ -100,10 +100,16 @@ def prepare_module(module: torch.nn.Module, t: TrainConfig) -> torch.nn.Module:
     """`train.channels_last` and `train.compile` applied in place; returns `module`.
 
     ``Module.compile()`` compiles the module's call without wrapping it, so state-dict keys,
-    checkpoints, ``isinstance`` checks and DDP wrapping (applied after this) are unchanged."""
+    checkpoints, ``isinstance`` checks and DDP wrapping (applied after this) are unchanged.
+    Inductor's random ops are switched to eager's (``fallback_random``): a compiled run draws
+    the posterior noise an eager one draws, so switching compile on or off (even on resume)
+    changes float rounding only."""
     if t.channels_last:
         module.to(memory_format=torch.channels_last)
     if t.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
         module.compile()
     return module
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
 
 import fsspec
@@ -20,6 +21,7 @@ from pipeline.data.urls import absolute_spec, expand_shard_urls
 from pipeline.errors import ResumableError
 from pipeline.evaluate.quality import evaluate_checkpoint
 from pipeline.raysetup import init_ray
+from pipeline.train.board import write_eval
 from pipeline.train.checkpoint import latest_checkpoint, put_tree, read_state
 from pipeline.train.config import TrainConfig, TrainRunConfig, run_dir
 from pipeline.train.loop import MetricsLog, WorkerContext, check_run_config, run_loop
@@ -49,11 +51,13 @@ def train(cfg: TrainRunConfig) -> dict:
 
 
 def _evaluate(checkpoint: str, cfg: TrainRunConfig, directory: str) -> dict | None:
-    """Held-out figures of the final checkpoint, also appended to the run's metrics.jsonl."""
+    """Held-out figures of the final checkpoint (the EMA's under "ema"), also appended to the
+    run's metrics.jsonl and written to TensorBoard."""
     figures = evaluate_checkpoint(checkpoint, cfg.train.eval_images, cfg.train.iwae_k)
     if figures is not None:
-        step = read_state(checkpoint)["step"]
-        MetricsLog.for_run(cfg.train).write({"step": step, "eval": figures})
+        record = {"step": read_state(checkpoint)["step"], "eval": figures}
+        MetricsLog.for_run(cfg.train).write(record)
+        write_eval(cfg.train, record)
     return figures
 
 
@@ -65,7 +69,14 @@ def _with_absolute_paths(cfg: TrainRunConfig) -> TrainRunConfig:
         val_shards=absolute_spec(cfg.data.val_shards),
     )
     train = dataclasses.replace(cfg.train, storage_path=absolute_spec(cfg.train.storage_path))
-    return dataclasses.replace(cfg, data=data, train=train)
+    loss = dataclasses.replace(
+        cfg.loss, lpips_vgg=_absolute(cfg.loss.lpips_vgg), lpips_lin=_absolute(cfg.loss.lpips_lin)
+    )
+    return dataclasses.replace(cfg, data=data, loss=loss, train=train)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 def _check_storage(cfg: TrainRunConfig) -> None:

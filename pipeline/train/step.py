@@ -16,6 +16,7 @@ import torch
 from pipeline.models import ClassicVAE, DiagonalGaussian
 from pipeline.models.adversarial import discriminator_loss, generator_adversarial_terms
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
+from pipeline.models.perceptual import PerceptualLoss
 from pipeline.models.textbook import beta_schedule, elbo_from_outputs
 from pipeline.train.precision import Amp
 
@@ -38,11 +39,12 @@ def train_step(
     step: int = 0,
     adversary: Adversary | None = None,
     amp: Amp | None = None,
+    perceptual: PerceptualLoss | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on `batch` (images; `labels` for conditional models): an
     `accumulated_step` of one micro-batch. Returns the detached loss terms."""
     return accumulated_step(
-        model, [(batch, labels)], optimizer, loss_cfg, grad_clip, step, adversary, amp
+        model, [(batch, labels)], optimizer, loss_cfg, grad_clip, step, adversary, amp, perceptual
     )
 
 
@@ -55,6 +57,7 @@ def accumulated_step(
     step: int = 0,
     adversary: Adversary | None = None,
     amp: Amp | None = None,
+    perceptual: PerceptualLoss | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on the gradient of the mean loss over `micro_batches`
     ((images, labels or None), equal sizes): the step one batch of them all would take, for
@@ -69,8 +72,9 @@ def accumulated_step(
     once at the end. That is taming's order (generator update, then D on the detached
     reconstruction): D's loss reads neither the generator's weights nor its update. Under DDP
     gradients are all-reduced on the last micro-batch only (`no_sync` before). `amp` (default
-    float32) autocasts forward passes and, for fp16, scales losses. Returns the detached loss
-    terms, averaged over the micro-batches.
+    float32) autocasts forward passes and, for fp16, scales losses. `perceptual` (the LPIPS
+    term, pipeline/models/perceptual.py) is added to each micro-batch's reconstruction term.
+    Returns the detached loss terms, averaged over the micro-batches.
     """
     amp = amp or Amp()
     model.train()
@@ -83,7 +87,9 @@ def accumulated_step(
     for index, (images, labels) in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last else no_sync(model, disc):
-            terms = _micro_step(model, images, labels, loss_cfg, step, adversary, amp, weight)
+            terms = _micro_step(
+                model, images, labels, loss_cfg, step, adversary, amp, weight, perceptual
+            )
         for name, value in terms.items():
             totals[name] = totals.get(name, 0) + value * weight
     if grad_clip > 0:
@@ -96,10 +102,14 @@ def accumulated_step(
     return {name: value.detach() for name, value in totals.items()}
 
 
-def _micro_step(model, images, labels, loss_cfg, step, adversary, amp, weight) -> dict:
+def _micro_step(
+    model, images, labels, loss_cfg, step, adversary, amp, weight, perceptual=None
+) -> dict:
     """Forward passes and backward of one micro-batch (gradients scaled by `weight`)."""
     with amp.autocast():
         terms, recon = compute_loss(model, images, labels, loss_cfg, step)
+        if perceptual is not None:  # LDM: recon += w * LPIPS, before the adaptive weight reads it
+            terms = perceptual.add_to(terms, images, recon)
         if adversary is not None:
             adv = generator_adversarial_terms(
                 model, recon, terms["recon"], adversary.disc, loss_cfg, step
