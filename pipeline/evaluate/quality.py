@@ -28,8 +28,7 @@ from torchmetrics.functional.image import (
 from pipeline.artifacts.card import LatentScale, ModelCard, checkpoint_of, join, resolve_model_dir
 from pipeline.artifacts.store import load_model_artifact, update_model_artifact
 from pipeline.config import load_dict_as
-from pipeline.data.reader import DataConfig, ShardImageDataset
-from pipeline.data.urls import expand_shard_urls
+from pipeline.data.reader import DataConfig, iter_val_samples, to_tensor
 from pipeline.evaluate.likelihood import bits_per_dim, iwae_nll, negative_elbo
 from pipeline.latents.stats import ChannelStats
 from pipeline.models.family import Family, family_of
@@ -42,29 +41,17 @@ EVAL_FILE = "eval.json"
 def held_out_batches(
     data: DataConfig, limit: int, batch_size: int = 64
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Up to `limit` validation images (and labels) as the model saw data in training."""
-    dataset = ShardImageDataset(
-        expand_shard_urls(data.val_shards),
-        data.resolution,
-        shuffle_buffer=0,  # the same images every time: the figures are comparable across runs
-        channels=data.channels,
-        value_range=data.value_range,
-        label_field=data.label_field,
+    """Up to `limit` validation images (and labels) as the model saw data in training: the
+    one validation reader (`iter_val_samples`), so the figures are comparable across runs."""
+    samples = list(
+        iter_val_samples(data.val_shards, data.resolution, limit, data.channels, data.label_field)
     )
-    items = []
-    for item in dataset:
-        items.append(item)
-        if len(items) >= limit:
-            break
     batches = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        if data.label_field:
-            batches.append(
-                (torch.stack([x for x, _ in chunk]), torch.tensor([y for _, y in chunk]))
-            )
-        else:
-            batches.append((torch.stack(chunk), None))
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = torch.stack([to_tensor(s.pixels, data.value_range) for s in chunk])
+        labels = torch.tensor([s.label for s in chunk]) if data.label_field else None
+        batches.append((images, labels))
     return batches
 
 

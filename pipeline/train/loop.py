@@ -21,6 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.models import build_model
 from pipeline.models.adversarial import adversarial_enabled, discriminator_lr
 from pipeline.models.discriminator import build_discriminator
+from pipeline.models.family import family_for
 from pipeline.models.perceptual import check_perceptual, load_perceptual
 from pipeline.train.board import RunBoard, check_board
 from pipeline.train.checkpoint import read_state, write_checkpoint
@@ -150,7 +151,7 @@ def run_loop(cfg: TrainRunConfig, ctx: WorkerContext) -> dict:
 
 def check_run_config(cfg: TrainRunConfig) -> None:
     """Combinations of settings the loop cannot run, refused before any worker starts."""
-    if adversarial_enabled(cfg.loss) and cfg.model.kind not in ("kl", "vq"):
+    if adversarial_enabled(cfg.loss) and not family_for(cfg.model.kind).adversarial:
         raise ValueError(
             f"loss.disc_start: the adversarial loss needs a kl or vq model, not {cfg.model.kind!r}"
         )

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.models import ClassicVAE, DiagonalGaussian
 from pipeline.models.adversarial import discriminator_loss, generator_adversarial_terms
-from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
+from pipeline.models.family import family_of
+from pipeline.models.losses import LossConfig
 from pipeline.models.perceptual import PerceptualLoss
-from pipeline.models.textbook import beta_schedule, elbo_from_outputs
 from pipeline.train.precision import Amp
 
 
@@ -145,15 +144,7 @@ def compute_loss(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(loss terms, decoder output) for the model's family: (β-)ELBO for the textbook VAEs,
     L1/MSE + β·KL for KL autoencoders, recon + commitment for VQ."""
-    core = getattr(model, "module", model)  # under DDP the model is wrapped
-    if isinstance(core, ClassicVAE):
-        beta = beta_schedule(step, loss_cfg.kl_weight, loss_cfg.kl_warmup_steps)
-        outputs = model(batch, labels)
-        return elbo_from_outputs(core, batch, outputs, beta), outputs[0]
-    recon, second = model(batch)  # (recon, posterior) for KL, (recon, info) for VQ
-    if isinstance(second, DiagonalGaussian):
-        return autoencoder_loss(batch, recon, second, loss_cfg), recon
-    return vq_autoencoder_loss(batch, recon, second, loss_cfg), recon
+    return family_of(model).loss(model, batch, labels, loss_cfg, step)
 
 
 LR_SCALING = ("none", "linear", "sqrt")
