@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from itertools import count
 
 import numpy as np
@@ -35,6 +36,11 @@ from pipeline.data.urls import expand_shard_urls
 log = logging.getLogger(__name__)
 
 
+class ValueRange(StrEnum):
+    signed = "signed"  # [-1, 1]: the autoencoders
+    unit = "unit"  # [0, 1]: the Bernoulli textbook VAEs
+
+
 @dataclass
 class DataConfig:
     """Training data: shard specs (see `expand_shard_urls`) and loader settings."""
@@ -47,10 +53,11 @@ class DataConfig:
     shuffle_buffer: int = 256
     seed: int = 0
     channels: int = 3  # 3 = RGB, 1 = grayscale (MNIST-style data)
-    value_range: str = (
-        "signed"  # "signed" = [-1, 1] (autoencoders), "unit" = [0, 1] (Bernoulli VAEs)
-    )
+    value_range: ValueRange = ValueRange.signed
     label_field: str = ""  # e.g. "cls": yield (image, label) pairs for conditional models
+
+    def __post_init__(self) -> None:
+        self.value_range = ValueRange(self.value_range)  # a bad value fails here or at load
 
 
 def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -70,7 +77,7 @@ def shuffled(items: Iterator, buffer_size: int, rng: np.random.Generator) -> Ite
     yield from buffer
 
 
-VALUE_RANGES = ("signed", "unit")
+VALUE_RANGES = tuple(ValueRange)
 
 
 def prepare_pixels(data: bytes, resolution: int, channels: int = 3) -> np.ndarray:

@@ -45,6 +45,13 @@ SIDECAR_NAME = "encoder.json"
 CODEBOOK_NAME = "codebook.npy"
 
 
+class ExportDevice(StrEnum):
+    """Where export's latent-statistics pass runs (the ONNX graph is the same)."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class Weights(StrEnum):
     """Which weights of a checkpoint export takes (``export.weights``)."""
 
@@ -69,11 +76,12 @@ class ExportConfig:
     parity_batch: int = 4
     scale_shards: str = ""
     scale_samples: int = 256
-    device: str = "cpu"
+    device: ExportDevice = ExportDevice.cpu
     weights: Weights = Weights.ema
 
     def __post_init__(self) -> None:
         self.weights = Weights(self.weights)  # a bad value fails here or at config load
+        self.device = ExportDevice(self.device)
 
 
 def _declared_scale(model: nn.Module) -> dict[str, float] | None:
@@ -178,8 +186,6 @@ def _publish(local_files: list[str], output: str) -> None:
 
 
 def _validate(cfg: ExportConfig) -> None:
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"export.device must be 'cpu' or 'cuda', got {cfg.device!r}")
     if cfg.atol < 0 or cfg.parity_batch < 1:
         raise ValueError("export.atol must be >= 0 and export.parity_batch >= 1")
 

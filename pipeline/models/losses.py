@@ -8,20 +8,35 @@ gradient); its weight lives in ``model.vq.commitment``, so there is no extra wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.models.kl import DiagonalGaussian
 
-RECON_LOSSES = ("l1", "mse")
+
+class Recon(StrEnum):
+    l1 = "l1"
+    mse = "mse"
+
+
+class DiscNorm(StrEnum):
+    """Normalisation in the PatchGAN (see discriminator.py)."""
+
+    group = "group"
+    batch = "batch"  # taming/LDM
+    none = "none"
+
+
+RECON_LOSSES = tuple(Recon)
 
 
 @dataclass
 class LossConfig:
     """``recon``: "l1" or "mse"; ``kl_weight`` scales the per-sample KL sum."""
 
-    recon: str = "l1"
+    recon: Recon = Recon.l1
     kl_weight: float = 1e-6  # beta; the textbook VAEs use 1.0 (ELBO), beta-VAE > 1
     kl_warmup_steps: int = 0  # linear KL warm-up from 0 to kl_weight (textbook VAEs only)
     # Adversarial option (LDM's hinge PatchGAN; see pipeline/models/adversarial.py).
@@ -29,7 +44,7 @@ class LossConfig:
     disc_weight: float = 0.5  # scales LDM's adaptive weight (LDM kl-f8: 0.5)
     disc_layers: int = 3  # stride-2 conv layers in the PatchGAN (3: 70x70 receptive field)
     disc_channels: int = 64  # width of the first layer; doubles per layer, capped at 8x
-    disc_norm: str = "group"  # "group" | "batch" (taming/LDM) | "none"; see discriminator.py
+    disc_norm: DiscNorm = DiscNorm.group
     disc_lr: float = 0.0  # discriminator learning rate; 0 = the generator's train.lr
     # Perceptual option (LDM: 1.0): recon += perceptual_weight * LPIPS (pipeline/models/
     # perceptual.py), 0 = off. The two weight files are local paths on every training node,
@@ -37,6 +52,11 @@ class LossConfig:
     perceptual_weight: float = 0.0
     lpips_vgg: str = ""  # torchvision's ImageNet VGG16 state dict, e.g. vgg16-397923af.pth
     lpips_lin: str = ""  # LPIPS v0.1 linear heads: lpips/weights/v0.1/vgg.pth of the lpips package
+
+    def __post_init__(self) -> None:
+        # Choices are Enums: a bad value fails at config load (OmegaConf names the key) or here.
+        self.recon = Recon(self.recon)
+        self.disc_norm = DiscNorm(self.disc_norm)
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, kind: str) -> torch.Tensor:

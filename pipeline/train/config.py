@@ -10,6 +10,14 @@ from pipeline.models import ModelConfig
 from pipeline.models.losses import LossConfig
 
 
+class LrScaling(StrEnum):
+    """How train.lr follows the world size (elastic runs): lr x 1, x world/base, x sqrt."""
+
+    none = "none"
+    linear = "linear"  # lr per image constant (Goyal et al.)
+    sqrt = "sqrt"  # gentler, often preferred for Adam-type optimisers
+
+
 class Precision(StrEnum):
     """Compute precision of forward passes and losses (pipeline/train/precision.py); weights,
     gradients and optimiser state stay float32 in every mode."""
@@ -60,7 +68,7 @@ class TrainConfig:
     max_failures: int = 0
     # Learning rate for a changed world size: none | linear (lr x world/base) | sqrt
     # (lr x sqrt(world/base)), where base = base_world_size, 0 meaning num_workers.
-    lr_scaling: str = "none"
+    lr_scaling: LrScaling = LrScaling.none
     base_world_size: int = 0
     # Writes to storage_path (checkpoint uploads, metrics.jsonl) are tried this many times,
     # waiting upload_backoff_s after the first failure and twice as long after each next one
@@ -88,6 +96,7 @@ class TrainConfig:
         # Choices are Enums: a bad value fails at config load (OmegaConf names the key) or here.
         self.precision = Precision(self.precision)
         self.lr_schedule = LrSchedule(self.lr_schedule)
+        self.lr_scaling = LrScaling(self.lr_scaling)
 
 
 @dataclass

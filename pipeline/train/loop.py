@@ -33,7 +33,6 @@ from pipeline.train.resume import ResumableBatches, reseed
 from pipeline.train.retry import with_retries
 from pipeline.train.schedule import ScheduledLr, check_schedule
 from pipeline.train.step import (
-    LR_SCALING,
     Adversary,
     MetricMeter,
     accumulated_step,
@@ -169,8 +168,6 @@ def _check_scaling(t: TrainConfig) -> None:
             f"train.min_workers={t.min_workers}: elastic training needs "
             f"1 <= min_workers <= num_workers ({t.num_workers}), or 0 for a fixed size"
         )
-    if t.lr_scaling not in LR_SCALING:
-        raise ValueError(f"train.lr_scaling={t.lr_scaling!r}: expected one of {LR_SCALING}")
     if t.base_world_size < 0:
         raise ValueError(f"train.base_world_size={t.base_world_size}: expected >= 0")
     if t.upload_attempts < 1 or t.upload_backoff_s < 0:

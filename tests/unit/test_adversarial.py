@@ -52,7 +52,7 @@ def test_layer_widths_double_and_cap_at_8x_and_init():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="loss.disc_norm"):
+    with pytest.raises(ValueError, match="not a valid DiscNorm"):  # an Enum: refused at load too
         build_discriminator(LossConfig(disc_start=0, disc_norm="layer"))
     with pytest.raises(ValueError, match="loss.disc_weight"):
         build_discriminator(LossConfig(disc_start=0, disc_weight=-1.0))

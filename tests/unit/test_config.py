@@ -142,3 +142,12 @@ def test_default_yaml_equals_the_dataclass_defaults(path):
     defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
     shipped = OmegaConf.to_container(OmegaConf.load(path))
     assert shipped == defaults
+
+
+@pytest.mark.parametrize("override", ["device=tpu", "weights=best"])
+def test_export_choices_fail_at_load_naming_the_key(override):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.export import ExportConfig
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(ExportConfig, [], ["model=m", "output=o", override])

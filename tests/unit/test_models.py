@@ -103,7 +103,7 @@ def test_build_model_errors():
 def test_bad_recon_loss():
     post = DiagonalGaussian(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
     x = torch.zeros(1, 3, 4, 4)
-    with pytest.raises(ValueError, match="loss.recon"):
+    with pytest.raises(ValueError, match="not a valid Recon"):
         autoencoder_loss(x, x, post, LossConfig(recon="ssim"))
 
 
@@ -115,7 +115,17 @@ def test_configs_work_as_omegaconf_structured():
 
 
 @pytest.mark.parametrize(
-    "override", ["model.kind=vqgan", "model.vq.distance=dot", "model.classic.likelihood=laplace"]
+    "override",
+    [
+        "model.kind=vqgan",
+        "model.vq.distance=dot",
+        "model.classic.likelihood=laplace",
+        "loss.recon=ssim",
+        "loss.disc_norm=layer",
+        "train.lr_scaling=cubic",
+        "train.precision=fp8",
+        "data.value_range=bytes",
+    ],
 )
 def test_model_choices_fail_at_load_naming_the_key(override):
     from pipeline.config import ConfigError, load_config

@@ -80,12 +80,12 @@ def test_lr_factor(mode, world, base, expected):
     [
         ("train.min_workers=3", "train.min_workers"),
         ("train.min_workers=-1", "train.min_workers"),
-        ("train.lr_scaling=cubic", "train.lr_scaling"),
         ("train.base_world_size=-2", "train.base_world_size"),
         ("train.upload_attempts=0", "train.upload_attempts"),
     ],
 )
 def test_bad_scaling_settings_are_refused_naming_the_key(override, key):
+    """(train.lr_scaling is an Enum: a bad value fails at load, tests/unit/test_models.py.)"""
     cfg = load_config(TrainRunConfig, None, ["data.shards=x", "train.num_workers=2", override])
     with pytest.raises(ValueError, match=key):
         check_run_config(cfg)
