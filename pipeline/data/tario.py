@@ -314,10 +314,7 @@ class TarShardWriter:
         ):
             self._commit()
         shard = self._open or self._start()
-        for ext, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed mtime: reproducible
-            shard.tar.addfile(info, _BytesReader(bytes(data)))
+        add_sample(shard.tar, key, files)
         shard.samples += 1
         shard.approx_bytes += size
 
@@ -376,11 +373,18 @@ def build_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for key, files in samples:
             _validate_sample(key, files)
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 0
-                tar.addfile(info, _BytesReader(bytes(data)))
+            add_sample(tar, key, files)
     return buffer.getvalue()
+
+
+def add_sample(tar: tarfile.TarFile, key: str, files: dict[str, bytes]) -> None:
+    """The one way a sample becomes tar members (TarShardWriter and build_tar, so image shards,
+    latent shards and the tests' corpora): ``{key}.{ext}`` in order, mode 0o444 and mtime 0 so
+    the bytes depend on the data alone."""
+    for ext, data in files.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mode, info.mtime = len(data), 0o444, 0
+        tar.addfile(info, _BytesReader(bytes(data)))
 
 
 class _BytesReader:
