@@ -15,9 +15,9 @@ Order within one training step (taming's ``optimizer_idx`` 0 then 1):
 
     recon, second = model(x)                                   # generator forward
     terms = compute_loss(x, (recon, second), loss_cfg)         # recon + KL / VQ
-    adv = generator_adversarial_terms(model, recon, terms["recon"], disc, loss_cfg, step)
+    adv = generator_adversarial_terms(model, recon, terms["recon"], disc, loss_cfg, active)
     (terms["loss"] + adv["adv"]).backward(); optimizer.step()  # 1. generator update
-    discriminator_loss(disc, x, recon, loss_cfg, step)["d_loss"].backward()  # 2. D's loss on
+    discriminator_loss(disc, x, recon, loss_cfg, active)["d_loss"].backward()  # 2. D's loss on
     disc_optimizer.step()                                            # the detached recon
 
 The optimiser steps themselves are the trainer's (pipeline/train/step.py: accumulated over
@@ -46,11 +46,6 @@ ADAPTIVE_MAX = 1e4
 def adversarial_enabled(loss_cfg: LossConfig) -> bool:
     """Whether the run needs a discriminator at all."""
     return loss_cfg.disc_start >= 0
-
-
-def adversarial_active(loss_cfg: LossConfig, step: int) -> bool:
-    """Whether the adversarial terms apply at ``step`` (0-based index of the step being taken)."""
-    return adversarial_enabled(loss_cfg) and step >= loss_cfg.disc_start
 
 
 def discriminator_lr(loss_cfg: LossConfig, lr: float) -> float:
@@ -126,15 +121,15 @@ def generator_adversarial_terms(
     nll: torch.Tensor,
     disc: nn.Module,
     loss_cfg: LossConfig,
-    step: int,
+    active: bool,
 ) -> dict[str, torch.Tensor]:
     """{"g_loss", "d_weight", "adv"}: add ``adv`` to the generator's loss before its backward.
 
-    Before ``disc_start`` all three are zeros and D is not run; the keys are always present so
-    every rank and every log interval reports the same metrics.
+    When not ``active`` (before ``disc_start``: the trainer decides) all three are zeros and D
+    is not run; the keys are always present so every rank and log interval reports the same.
     """
     zero = recon.new_zeros(())
-    if not adversarial_active(loss_cfg, step):
+    if not active:
         return {"g_loss": zero, "d_weight": zero, "adv": zero}
     with _frozen(unwrap(disc)) as d:
         g_loss = hinge_g_loss(d(recon))
@@ -146,12 +141,12 @@ def generator_adversarial_terms(
 
 
 def discriminator_loss(
-    disc: nn.Module, x: torch.Tensor, recon: torch.Tensor, loss_cfg: LossConfig, step: int
+    disc: nn.Module, x: torch.Tensor, recon: torch.Tensor, loss_cfg: LossConfig, active: bool
 ) -> dict[str, torch.Tensor]:
     """D's hinge loss on real ``x`` and detached ``recon`` before its backward (the trainer
     accumulates it over micro-batches): {"d_loss" (with its graph), "logits_real",
-    "logits_fake" (detached batch means)}; {} before ``disc_start``."""
-    if not adversarial_active(loss_cfg, step):
+    "logits_fake" (detached batch means)}; {} when not ``active``."""
+    if not active:
         return {}
     disc.train()
     # One forward over both halves: a DDP-wrapped D then sees exactly one forward per backward.

@@ -4,7 +4,8 @@ Three families: the SD-class KL autoencoder, the VQ autoencoder and the textbook
 evaluation, the report and export ask the family (``family_of(model)`` or
 ``family_for(cfg.model.kind)``) instead of branching on the model's class or kind:
 
-* ``loss``: the training objective and the decoder output (the train step);
+* ``loss``: the training objective for the loss weights given (the trainer schedules them:
+  pipeline/train/loss_schedule.py) and the decoder output;
 * ``stored_latents``: what an encoded corpus stores for an image, as float (KL: the posterior
   mean; VQ: the quantised latent) — export's scale statistics;
 * ``reconstruct``: (reconstruction, stored latents, code indices or None) — evaluation
@@ -23,7 +24,7 @@ from torch import nn
 
 from pipeline.models.kl import KLAutoencoder
 from pipeline.models.losses import LossConfig, autoencoder_loss, vq_autoencoder_loss
-from pipeline.models.textbook import CLASSIC_MODELS, ClassicVAE, beta_schedule, elbo_from_outputs
+from pipeline.models.textbook import CLASSIC_MODELS, ClassicVAE, elbo_from_outputs
 from pipeline.models.vq import VQAutoencoder
 
 Terms = dict[str, torch.Tensor]
@@ -36,7 +37,7 @@ class KLFamily:
     onnx: str | None = "kl"
     adversarial: bool = True
 
-    def loss(self, model, batch, labels, cfg: LossConfig, step: int) -> tuple[Terms, torch.Tensor]:
+    def loss(self, model, batch, labels, cfg: LossConfig) -> tuple[Terms, torch.Tensor]:
         recon, posterior = model(batch)
         return autoencoder_loss(batch, recon, posterior, cfg), recon
 
@@ -55,7 +56,7 @@ class VQFamily:
     onnx: str | None = "vq"
     adversarial: bool = True
 
-    def loss(self, model, batch, labels, cfg: LossConfig, step: int) -> tuple[Terms, torch.Tensor]:
+    def loss(self, model, batch, labels, cfg: LossConfig) -> tuple[Terms, torch.Tensor]:
         recon, info = model(batch)
         return vq_autoencoder_loss(batch, recon, info, cfg), recon
 
@@ -74,11 +75,10 @@ class TextbookFamily:
     onnx: str | None = None  # Linear encoders over a fixed image size, class labels
     adversarial: bool = False
 
-    def loss(self, model, batch, labels, cfg: LossConfig, step: int) -> tuple[Terms, torch.Tensor]:
+    def loss(self, model, batch, labels, cfg: LossConfig) -> tuple[Terms, torch.Tensor]:
         core = getattr(model, "module", model)  # under DDP the model is wrapped
-        beta = beta_schedule(step, cfg.kl_weight, cfg.kl_warmup_steps)
         outputs = model(batch, labels)
-        return elbo_from_outputs(core, batch, outputs, beta), outputs[0]
+        return elbo_from_outputs(core, batch, outputs, cfg.kl_weight), outputs[0]
 
     def stored_latents(self, model: nn.Module, images: torch.Tensor, labels=None) -> torch.Tensor:
         return model.encode(images, labels)[0]  # the posterior mean mu

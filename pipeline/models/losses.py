@@ -38,7 +38,9 @@ class LossConfig:
 
     recon: Recon = Recon.l1
     kl_weight: float = 1e-6  # beta; the textbook VAEs use 1.0 (ELBO), beta-VAE > 1
-    kl_warmup_steps: int = 0  # linear KL warm-up from 0 to kl_weight (textbook VAEs only)
+    kl_warmup_steps: int = (
+        0  # linear KL warm-up from 0 to kl_weight (pipeline/train/loss_schedule.py)
+    )
     # Adversarial option (LDM's hinge PatchGAN; see pipeline/models/adversarial.py).
     disc_start: int = -1  # step at which the adversarial loss switches on; -1 = never (off)
     disc_weight: float = 0.5  # scales LDM's adaptive weight (LDM kl-f8: 0.5)

@@ -17,6 +17,7 @@ from pipeline.models.adversarial import discriminator_loss, generator_adversaria
 from pipeline.models.family import family_of
 from pipeline.models.losses import LossConfig
 from pipeline.models.perceptual import PerceptualLoss
+from pipeline.train.loss_schedule import adversarial_active, losses_at
 from pipeline.train.precision import Amp
 
 
@@ -107,18 +108,19 @@ def _micro_step(
     """Forward passes and backward of one micro-batch (gradients scaled by `weight`)."""
     with amp.autocast():
         terms, recon = compute_loss(model, images, labels, loss_cfg, step)
+        active = adversary is not None and adversarial_active(loss_cfg, step)
         if perceptual is not None:  # LDM: recon += w * LPIPS, before the adaptive weight reads it
             terms = perceptual.add_to(terms, images, recon)
         if adversary is not None:
             adv = generator_adversarial_terms(
-                model, recon, terms["recon"], adversary.disc, loss_cfg, step
+                model, recon, terms["recon"], adversary.disc, loss_cfg, active
             )
             terms["loss"] = terms["loss"] + adv.pop("adv")
             terms.update(adv)
     amp.backward(terms["loss"] * weight)
     if adversary is not None:
         with amp.autocast():
-            d_terms = discriminator_loss(adversary.disc, images, recon, loss_cfg, step)
+            d_terms = discriminator_loss(adversary.disc, images, recon, loss_cfg, active)
         if d_terms:
             amp.backward(d_terms["d_loss"] * weight)
         terms.update(d_terms)
@@ -144,7 +146,7 @@ def compute_loss(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(loss terms, decoder output) for the model's family: (β-)ELBO for the textbook VAEs,
     L1/MSE + β·KL for KL autoencoders, recon + commitment for VQ."""
-    return family_of(model).loss(model, batch, labels, loss_cfg, step)
+    return family_of(model).loss(model, batch, labels, losses_at(loss_cfg, step))
 
 
 LR_SCALING = ("none", "linear", "sqrt")

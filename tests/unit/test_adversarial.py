@@ -25,6 +25,7 @@ from pipeline.models.adversarial import (
 )
 from pipeline.models.discriminator import NLayerDiscriminator, build_discriminator, patch_grid
 from pipeline.models.losses import LossConfig, autoencoder_loss
+from pipeline.train.loss_schedule import adversarial_active
 
 TINY = ModelConfig(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, groups=4)
 
@@ -118,7 +119,9 @@ def _adv_step(model, opt, disc, disc_opt, x, cfg, step):
     """The documented order: generator forward, loss + adv, generator update, then D's update."""
     recon, posterior = model(x)
     terms = autoencoder_loss(x, recon, posterior, cfg)
-    adv = generator_adversarial_terms(model, recon, terms["recon"], disc, cfg, step)
+    adv = generator_adversarial_terms(
+        model, recon, terms["recon"], disc, cfg, adversarial_active(cfg, step)
+    )
     opt.zero_grad(set_to_none=True)
     (terms["loss"] + adv["adv"]).backward()
     opt.step()
@@ -127,7 +130,7 @@ def _adv_step(model, opt, disc, disc_opt, x, cfg, step):
 
 def _d_step(disc, disc_opt, x, recon, cfg, step):
     """D's update as the trainer does it (its loss from the models layer, the step here)."""
-    terms = discriminator_loss(disc, x, recon, cfg, step)
+    terms = discriminator_loss(disc, x, recon, cfg, adversarial_active(cfg, step))
     if not terms:
         return {}
     disc_opt.zero_grad(set_to_none=True)
@@ -144,7 +147,8 @@ def test_nothing_happens_before_disc_start():
     assert all(v.item() == 0.0 for v in adv.values()) and not adv["adv"].requires_grad
     assert all(torch.equal(p, q) for p, q in zip(before, disc.parameters(), strict=True))
     off = LossConfig()  # disc_start=-1: never
-    assert generator_adversarial_terms(model, torch.zeros(1), None, disc, off, 10**9)["adv"] == 0
+    assert not adversarial_active(off, 10**9)  # the trainer's schedule: never on
+    assert generator_adversarial_terms(model, torch.zeros(1), None, disc, off, False)["adv"] == 0
 
 
 def test_after_disc_start_d_learns_and_the_generator_gets_an_adversarial_gradient():
@@ -160,7 +164,7 @@ def test_after_disc_start_d_learns_and_the_generator_gets_an_adversarial_gradien
     model.zero_grad()
     disc.zero_grad(set_to_none=True)
     recon, _ = model(torch.rand(2, 3, 32, 32))
-    g = generator_adversarial_terms(model, recon, recon.abs().mean(), disc, cfg, 6)
+    g = generator_adversarial_terms(model, recon, recon.abs().mean(), disc, cfg, True)
     g["adv"].backward()
     assert last_layer(model).grad.abs().sum() > 0
     assert all(p.grad is None for p in disc.parameters())

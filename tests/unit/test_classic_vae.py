@@ -12,7 +12,6 @@ from pipeline.models.textbook import (
     ConditionalConvVAE,
     ConditionalVAE,
     ConvVAE,
-    beta_schedule,
     elbo_terms,
     gaussian_kl,
     gaussian_log_likelihood,
@@ -144,6 +143,8 @@ def test_kl_matches_torch_distributions():
 
 
 def test_beta_schedule():
+    from pipeline.train.loss_schedule import beta_schedule
+
     assert beta_schedule(0, 4.0, 100) == 0.0
     assert beta_schedule(25, 4.0, 100) == pytest.approx(1.0)
     assert beta_schedule(100, 4.0, 100) == beta_schedule(10_000, 4.0, 100) == 4.0

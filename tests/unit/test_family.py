@@ -39,7 +39,7 @@ def test_autoencoder_families(kind):
     torch.manual_seed(0)
     model, family = _tiny(kind), family_for(kind)
     images = torch.rand(2, 3, 8, 8) * 2 - 1
-    terms, recon = family.loss(model, images, None, LossConfig(), step=0)
+    terms, recon = family.loss(model, images, None, LossConfig())
     assert recon.shape == images.shape and terms["loss"].requires_grad
     model.eval()
     recon, latents, indices = family.reconstruct(model, images)
@@ -52,7 +52,7 @@ def test_autoencoder_families(kind):
 def test_textbook_family():
     model = _tiny("mlp_vae")
     images = torch.rand(2, 1, 8, 8)
-    terms, _ = TEXTBOOK.loss(model, images, None, LossConfig(kl_weight=1.0), step=0)
+    terms, _ = TEXTBOOK.loss(model, images, None, LossConfig(kl_weight=1.0))
     assert terms["loss"].requires_grad
     recon, mu, indices = TEXTBOOK.reconstruct(model, images)
     assert recon.shape == images.shape and mu.shape == (2, 2) and indices is None

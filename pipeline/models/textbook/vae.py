@@ -309,13 +309,6 @@ def elbo_from_outputs(
     return {"loss": recon + beta * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
 
 
-def beta_schedule(step: int, beta: float, warmup_steps: int) -> float:
-    """Linear KL warm-up: 0 at step 0, ``beta`` from ``warmup_steps`` on (constant if <= 0)."""
-    if warmup_steps <= 0:
-        return float(beta)
-    return float(beta) * min(1.0, max(step, 0) / warmup_steps)
-
-
 CLASSIC_MODELS: dict[str, type[ClassicVAE]] = {
     "mlp_vae": MLPVAE,
     "conv_vae": ConvVAE,
