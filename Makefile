@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/latentpipe demo workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest tests, to keep the suite within budget
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
