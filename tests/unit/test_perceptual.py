@@ -11,9 +11,9 @@ import torch
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.adversarial import adaptive_weight, last_layer
 from pipeline.models.discriminator import build_discriminator
-from pipeline.models.family import family_of
 from pipeline.models.losses import LossConfig, reconstruction_loss
 from pipeline.models.perceptual import check_perceptual, load_perceptual
+from pipeline.train.step import compute_loss
 from tests.lpips_files import lpips_files
 
 TINY = ModelConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, groups=4)
@@ -36,7 +36,7 @@ def test_recon_is_pixel_plus_weighted_lpips_and_lpips_is_logged(loss_cfg):
     torch.manual_seed(0)
     model = build_model(TINY)
     x = _batch()
-    terms, recon = family_of(model).loss(model, x, None, loss_cfg, 0)
+    terms, recon = compute_loss(model, x, None, loss_cfg, 0)
     pixel, loss = terms["recon"].detach(), terms["loss"].detach()
     terms = perceptual.add_to(terms, x, recon)
     distance = perceptual.lpips(x, recon).mean()
@@ -52,7 +52,7 @@ def test_gradients_reach_the_autoencoder_not_the_lpips_net(loss_cfg):
     torch.manual_seed(0)
     model = build_model(TINY)
     x = _batch()
-    terms, recon = family_of(model).loss(model, x, None, loss_cfg, 0)
+    terms, recon = compute_loss(model, x, None, loss_cfg, 0)
     perceptual.add_to(terms, x, recon)["lpips"].backward()
     assert all(p.grad is None for p in perceptual.parameters())
     assert not any(p.requires_grad for p in perceptual.parameters())
@@ -67,7 +67,7 @@ def test_the_adaptive_weight_balances_the_whole_reconstruction_term(loss_cfg):
     torch.manual_seed(0)
     model, disc = build_model(TINY), build_discriminator(loss_cfg, 3)
     x = _batch()
-    terms, recon = family_of(model).loss(model, x, None, loss_cfg, 0)
+    terms, recon = compute_loss(model, x, None, loss_cfg, 0)
     pixel = terms["recon"]
     g_loss = -disc(recon).mean()
     with_lpips = perceptual.add_to(dict(terms), x, recon)["recon"]
