@@ -347,7 +347,7 @@ def check_chain(cluster: Cluster, chain: Chain, read_json, exists) -> None:
         assert not bad, "error-level lines in a job's output:\n" + "\n".join(bad[:20])
         assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]
     train, export, encode, verify = chain.outputs
-    assert "step 4 " in train  # our own progress lines still show
+    assert "step 4/4 " in train  # our own progress lines still show (step/total, img/s, ETA)
     # One CPU per node: the two DDP workers can only run on both nodes.
     assert len(cluster.actor_nodes(_submission_id(train), "RayTrainWorker")) == 2
 
