@@ -62,6 +62,11 @@ class TrainConfig:
     min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # How long Ray Train waits for the cluster to have room for the worker group before it
+    # gives up on that try, prints the timeout with a traceback and tries again (for ever).
+    # Ray's own default, 60 s, prints that traceback every minute while a job queues behind
+    # another or an autoscaler adds nodes (minutes on KubeRay); a queued job is not an error.
+    resource_wait_s: float = 900.0
     # Worker-group restarts after a lost worker or node (-1 = unlimited); each restart resumes
     # from the latest checkpoint within the same command. With 0, a failure ends the command
     # and re-running it resumes.

@@ -114,11 +114,16 @@ def _fit_with_ray(cfg: TrainRunConfig) -> tuple[dict, str | None]:
     return result.metrics or {}, checkpoint
 
 
+# Ray Train V2 reads this in the driver and hands it to its controller (ENV_VARS_TO_PROPAGATE).
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 def _trainer(cfg: TrainRunConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
+    os.environ[WORKER_GROUP_START_TIMEOUT] = str(t.resource_wait_s)
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": to_dict(cfg)},

@@ -343,8 +343,12 @@ def check_chain(cluster: Cluster, chain: Chain, read_json, exists) -> None:
     from pipeline.contracts.sidecar import Sidecar
 
     for out in chain.outputs:
-        bad = [line for line in out.splitlines() if ERROR_LINE.search(line)]
-        assert not bad, "error-level lines in a job's output:\n" + "\n".join(bad[:20])
+        lines = out.splitlines()
+        bad = [i for i, line in enumerate(lines) if ERROR_LINE.search(line)]
+        # The lines after the first one too: a traceback's cause is at its end.
+        assert not bad, "error-level lines in a job's output:\n" + "\n".join(
+            lines[bad[0] : bad[0] + 40]
+        )
         assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]
     train, export, encode, verify = chain.outputs
     assert "step 4/4 " in train  # our own progress lines still show (step/total, img/s, ETA)

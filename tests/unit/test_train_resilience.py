@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import fsspec
 import pytest
@@ -153,3 +154,14 @@ def test_single_process_run_survives_a_failing_store_and_says_how_to_resume(tiny
     assert latest_checkpoint("flaky://flaky-runs/flaky") in message
     assert "step 4 of 4" in message and "run the same command again" in message
     assert "train.max_failures >= 1" in message
+
+
+def test_worker_group_waits_for_resources_as_configured(monkeypatch):
+    """Ray Train's controller reads its start timeout from the driver's environment; ours is
+    train.resource_wait_s (a queued job would otherwise print a traceback every 60 s)."""
+    from pipeline.train.run import WORKER_GROUP_START_TIMEOUT, _trainer
+
+    monkeypatch.delenv(WORKER_GROUP_START_TIMEOUT, raising=False)
+    cfg = load_config(TrainRunConfig, None, ["data.shards=x.tar", "train.resource_wait_s=1234.5"])
+    _trainer(cfg)  # the monkeypatch puts the environment back afterwards
+    assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 1234.5
