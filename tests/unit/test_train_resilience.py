@@ -162,6 +162,9 @@ def test_worker_group_waits_for_resources_as_configured(monkeypatch):
     from pipeline.train.run import WORKER_GROUP_START_TIMEOUT, _trainer
 
     monkeypatch.delenv(WORKER_GROUP_START_TIMEOUT, raising=False)
-    cfg = load_config(TrainRunConfig, None, ["data.shards=x.tar", "train.resource_wait_s=1234.5"])
-    _trainer(cfg)  # the monkeypatch puts the environment back afterwards
+    keys = ["data.shards=x.tar", "train.resource_wait_s=1234.5"]
+    _trainer(load_config(TrainRunConfig, None, keys))  # the monkeypatch restores the environment
     assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 1234.5
+    # Elastic: Ray's 60 s, the timeout after which a restart tries a smaller group.
+    _trainer(load_config(TrainRunConfig, None, [*keys, "train.min_workers=1"]))
+    assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 60
