@@ -66,8 +66,9 @@ class TrainConfig:
     # group before it gives up on that try, prints the timeout with a traceback and tries again
     # (for ever). Ray's own 60 s prints that traceback every minute while a job queues behind
     # another or an autoscaler adds nodes (minutes on KubeRay); a queued job is not an error.
-    # Elastic runs keep Ray's 60 s: a restart after a lost node first asks for the old size
-    # (the lost node's resources are still counted) and only that timeout makes it go smaller.
+    # Elastic runs wait at most 60 s (Ray's own default): a restart after a lost node first
+    # asks for the old size (the lost node's resources are still counted) and only that
+    # timeout makes it go smaller. Below min_workers an elastic run waits without a timeout.
     resource_wait_s: float = 900.0
     # Worker-group restarts after a lost worker or node (-1 = unlimited); each restart resumes
     # from the latest checkpoint within the same command. With 0, a failure ends the command

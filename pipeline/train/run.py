@@ -116,7 +116,7 @@ def _fit_with_ray(cfg: TrainRunConfig) -> tuple[dict, str | None]:
 
 # Ray Train V2 reads this in the driver and hands it to its controller (ENV_VARS_TO_PROPAGATE).
 WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-ELASTIC_START_TIMEOUT_S = 60.0  # Ray's own default (see TrainConfig.resource_wait_s)
+ELASTIC_START_TIMEOUT_S = 60.0  # Ray's own default: the most an elastic restart waits
 
 
 def _trainer(cfg: TrainRunConfig):
@@ -124,7 +124,8 @@ def _trainer(cfg: TrainRunConfig):
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    wait_s = ELASTIC_START_TIMEOUT_S if t.min_workers else t.resource_wait_s
+    # An elastic restart after a lost node only goes smaller once a try times out.
+    wait_s = min(t.resource_wait_s, ELASTIC_START_TIMEOUT_S) if t.min_workers else t.resource_wait_s
     os.environ[WORKER_GROUP_START_TIMEOUT] = str(wait_s)
     return TorchTrainer(
         _ray_worker,

@@ -165,6 +165,9 @@ def test_worker_group_waits_for_resources_as_configured(monkeypatch):
     keys = ["data.shards=x.tar", "train.resource_wait_s=1234.5"]
     _trainer(load_config(TrainRunConfig, None, keys))  # the monkeypatch restores the environment
     assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 1234.5
-    # Elastic: Ray's 60 s, the timeout after which a restart tries a smaller group.
+    # Elastic: at most Ray's 60 s, the timeout after which a restart tries a smaller group.
     _trainer(load_config(TrainRunConfig, None, [*keys, "train.min_workers=1"]))
     assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 60
+    elastic = [*keys, "train.min_workers=1", "train.resource_wait_s=15"]
+    _trainer(load_config(TrainRunConfig, None, elastic))
+    assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 15
