@@ -1,14 +1,16 @@
 """Encode on a simulated multi-node Ray cluster while nodes vanish (run by test_encode_cluster.py).
 
-    python tests/integration/cluster_encode.py SCENARIO WORKDIR ENCODER
+    python tests/integration/cluster_encode.py WORKDIR ENCODER SCENARIO [SCENARIO ...]
 
 A head without CPUs (the driver) and two worker nodes of one CPU each (one encoder actor
-each) run the same job twice: once undisturbed (the reference), once losing a worker node
-(SIGKILL) after the first unit commits. SCENARIO is
-  replace  the node comes back as a new node a few seconds later;
-  gone     it does not come back: the survivor finishes the job;
+each) run the job once undisturbed (the reference), then once per SCENARIO, each time losing
+worker nodes (SIGKILL) after the first unit commits:
+  replace  one node is lost and comes back as a new node a few seconds later;
+  gone     one node is lost for good: the survivor finishes the job;
   all      both worker nodes are lost for good: the stall watchdog must end the job.
-Writes WORKDIR/result.json. Runs in its own process: a Ray driver connects to one cluster only.
+Scenarios run one after the other on the same cluster, each starting with two worker nodes
+(nodes are added back in between; "all" leaves none, so it goes last). Writes
+WORKDIR/result.json. Runs in its own process: a Ray driver connects to one cluster only.
 """
 
 from __future__ import annotations
@@ -76,7 +78,32 @@ def wait_first_commit(out: str, thread: threading.Thread) -> None:
         time.sleep(0.05)
 
 
-def main(scenario: str, workdir: str, encoder: str) -> None:
+def disturbed_run(cluster, workers: list, scenario: str, workdir: str, base: dict) -> dict:
+    """The job losing nodes as `scenario` says; `workers` is updated to the nodes still up."""
+    from pipeline.encode import EncodeConfig
+
+    out = os.path.join(workdir, scenario)
+    watchdog = {"stall_warn_s": 3.0, "stall_timeout_s": 20.0}
+    cfg = EncodeConfig(output=out, **base, **(watchdog if scenario == "all" else {}))
+    thread, outcome = encode_in_thread(cfg)
+    wait_first_commit(out, thread)
+    lost = list(workers) if scenario == "all" else workers[:1]
+    for node in lost:
+        cluster.remove_node(node, allow_graceful=False)
+        workers.remove(node)
+    result = {"killed_after_commits": len(os.listdir(os.path.join(out, "_encode", "commits")))}
+    if scenario == "replace":
+        time.sleep(3)
+        workers.append(cluster.add_node(num_cpus=1))  # must be called from the main thread
+    thread.join(timeout=240)
+    result["disturbed"] = outcome
+    result["finished"] = not thread.is_alive()
+    if "manifest" in outcome:
+        result["disturbed_files"] = corpus_bytes(out)
+    return result
+
+
+def main(workdir: str, encoder: str, scenarios: list[str]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -92,7 +119,7 @@ def main(scenario: str, workdir: str, encoder: str) -> None:
             "_system_config": FAST_DETECTION,
         },
     )
-    result: dict = {"scenario": scenario}
+    result: dict = {}
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -102,25 +129,14 @@ def main(scenario: str, workdir: str, encoder: str) -> None:
         thread, outcome = encode_in_thread(reference)
         thread.join()
         result["reference"] = outcome
-        out = os.path.join(workdir, "disturbed")
-        watchdog = {"stall_warn_s": 3.0, "stall_timeout_s": 20.0}
-        cfg = EncodeConfig(output=out, **base, **(watchdog if scenario == "all" else {}))
-        thread, outcome = encode_in_thread(cfg)
-        wait_first_commit(out, thread)
-        lost = workers if scenario == "all" else workers[:1]
-        for node in lost:
-            cluster.remove_node(node, allow_graceful=False)
-        result["killed_after_commits"] = len(os.listdir(os.path.join(out, "_encode", "commits")))
-        if scenario == "replace":
-            time.sleep(3)
-            cluster.add_node(num_cpus=1)  # must be called from the main thread
-        thread.join(timeout=240)
-        result["disturbed"] = outcome
-        result["finished"] = not thread.is_alive()
-        if "manifest" in result["reference"]:
-            result["reference_files"] = corpus_bytes(reference.output)
         if "manifest" in outcome:
-            result["disturbed_files"] = corpus_bytes(out)
+            result["reference_files"] = corpus_bytes(reference.output)
+        for scenario in scenarios:
+            while len(workers) < 2:
+                workers.append(cluster.add_node(num_cpus=1))
+            cluster.wait_for_nodes()
+            logging.info("scenario %s", scenario)
+            result[scenario] = disturbed_run(cluster, workers, scenario, workdir, base)
     finally:
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
@@ -129,4 +145,4 @@ def main(scenario: str, workdir: str, encoder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -65,7 +65,7 @@ def tiny_vq_encoder(tmp_path_factory) -> str:
     return str(out / "encoder.onnx")
 
 
-def run_short_demo(workdir, *config_files: str) -> dict:
+def run_short_demo(workdir, *config_files: str, overrides: tuple[str, ...] = ()) -> dict:
     """`latentpipe demo` on a short schedule at 32 px, as a user runs it; its summary.json."""
     import json
     import subprocess
@@ -86,6 +86,7 @@ def run_short_demo(workdir, *config_files: str) -> dict:
             "shards.tile_size=48",
             "shards.tile_stride=48",
             "export.scale_samples=64",
+            *overrides,
         ],
         capture_output=True,
         text=True,

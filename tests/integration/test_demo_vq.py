@@ -18,8 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def demo_summary(tmp_path_factory) -> dict:
+    # Training in the demo's own process (no Ray Train start-up): the KL demo test trains on
+    # Ray Train as the README's demo does, and tests/unit/test_vq_ddp.py the codebook under DDP.
     return run_short_demo(
-        tmp_path_factory.mktemp("demo_vq") / "out", str(ROOT / "configs" / "demo-vq.yaml")
+        tmp_path_factory.mktemp("demo_vq") / "out",
+        str(ROOT / "configs" / "demo-vq.yaml"),
+        overrides=("train.num_workers=0",),
     )
 
 

@@ -1,8 +1,9 @@
 """The encode job on a simulated multi-node Ray cluster (ray.cluster_utils.Cluster) losing nodes.
 
-Each scenario runs tests/integration/cluster_encode.py in its own process (a Ray driver joins
-one cluster only, and the other tests hold an embedded one): an undisturbed reference run, then
-the same job losing a worker node (SIGKILL) after its first commit.
+All scenarios run in one process of tests/integration/cluster_encode.py (a Ray driver joins one
+cluster only, and the other tests hold an embedded one) on one cluster: an undisturbed
+reference run, then the same job losing worker nodes (SIGKILL) after its first commit, once
+per scenario.
 """
 
 from __future__ import annotations
@@ -14,42 +15,57 @@ import sys
 
 import pytest
 
+from tests.proctools import kill_tree
+
 pytestmark = pytest.mark.slow
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "cluster_encode.py")
+SCENARIOS = ["replace", "gone", "all"]  # "all" leaves no worker node: last
 
 
-def _scenario(name: str, tmp_path, encoder: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, name, str(tmp_path), encoder],
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    result_file = tmp_path / "result.json"
-    assert result_file.exists(), proc.stderr[-4000:]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_encoder) -> dict:
+    workdir = tmp_path_factory.mktemp("cluster_encode")
+    log = workdir / "cluster.log"
+    with open(log, "w") as out:
+        cmd = [sys.executable, SCRIPT, str(workdir), tiny_encoder, *SCENARIOS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:  # timed out: the script and its cluster's processes, no others
+            kill_tree(proc.pid)
+    result_file = workdir / "result.json"
+    assert result_file.exists(), log.read_text()[-4000:]
     result = json.loads(result_file.read_text())
-    assert "manifest" in result["reference"], (result, proc.stderr[-3000:])
-    return {**result, "log": proc.stderr}
+    assert "manifest" in result["reference"], (result, log.read_text()[-3000:])
+    return {**result, "log": log.read_text()}
+
+
+def _scenario_log(runs: dict, name: str) -> str:
+    """The part of the script's log written during scenario `name`."""
+    log = runs["log"]
+    start = log.index(f"scenario {name}")
+    later = [log.find(f"scenario {other}", start) for other in SCENARIOS if other != name]
+    return log[start : min([i for i in later if i > start], default=len(log))]
 
 
 @pytest.mark.parametrize("scenario", ["replace", "gone"])
-def test_lost_worker_node_the_job_finishes_in_the_same_run_byte_identical(
-    tmp_path, tiny_encoder, scenario
-):
+def test_lost_worker_node_the_job_finishes_in_the_same_run_byte_identical(runs, scenario):
     """A replacement node, or none (the survivor takes over): the same run finishes, with the
     bytes of an undisturbed run (every shard, rejects.jsonl, shards.jsonl, inputs.jsonl)."""
-    result = _scenario(scenario, tmp_path, tiny_encoder)
+    result = runs[scenario]
     assert result["finished"] and "manifest" in result["disturbed"], result["disturbed"]
     assert result["killed_after_commits"] < 10, "the node was lost after the job had finished"
-    assert result["disturbed"]["manifest"] == result["reference"]["manifest"] == 1500
-    assert result["disturbed_files"] == result["reference_files"]
+    assert result["disturbed"]["manifest"] == runs["reference"]["manifest"] == 1500
+    assert result["disturbed_files"] == runs["reference_files"]
 
 
-def test_all_encoder_nodes_lost_the_watchdog_ends_the_job_saying_why(tmp_path, tiny_encoder):
-    result = _scenario("all", tmp_path, tiny_encoder)
+def test_all_encoder_nodes_lost_the_watchdog_ends_the_job_saying_why(runs):
+    result = runs["all"]
     assert result["finished"], "the job hung"
     error = result["disturbed"].get("error", "")
     assert error.startswith(("EncodeStalledError", "EncodeIncompleteError")), result["disturbed"]
-    assert "waiting for" in result["log"] and "input shard" in result["log"]
+    log = _scenario_log(runs, "all")
+    assert "waiting for" in log and "input shard" in log
     assert result["disturbed"]["seconds"] < 20 + 60  # stall_timeout_s plus start-up

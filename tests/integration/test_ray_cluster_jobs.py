@@ -341,6 +341,7 @@ def check_chain(cluster: Cluster, chain: Chain, read_json, exists) -> None:
     from pipeline.artifacts.card import CARD_FILE
     from pipeline.contracts.manifest import Manifest
     from pipeline.contracts.sidecar import Sidecar
+    from pipeline.latents.format import iter_latents
 
     for out in chain.outputs:
         lines = out.splitlines()
@@ -360,13 +361,19 @@ def check_chain(cluster: Cluster, chain: Chain, read_json, exists) -> None:
     sidecar = Sidecar.from_dict(read_json(where), where)
     assert sidecar.model.step == 4  # configs/train/smoke.yaml's steps, run to the end
     assert sidecar.model.path.startswith(f"{store}/runs/kl-f4-tiny/checkpoint_")
-    assert exists(f"{sidecar.model.path}/{CARD_FILE}")  # the checkpoint's model artifact
+    assert sidecar.model.sha256 and sidecar.latent_shape == [4, 8, 8]  # 32 px, f4, 4 channels
+    # The checkpoint's model artifact, uploaded by Ray Train; the run's own files beside it.
+    assert exists(f"{sidecar.model.path}/{CARD_FILE}")
+    for name in ("config.yaml", "metrics.jsonl"):
+        assert exists(f"{store}/runs/kl-f4-tiny/{name}"), name
     assert exists(f"{store}/encoders/kl-f4-tiny/encoder.onnx")
     where = f"{store}/latents/train/manifest.json"
     manifest = Manifest.from_dict(read_json(where), where)
     samples = read_json(f"{store}/shards/train/index.json")["samples"]
     assert manifest.samples == samples > 0 and manifest.rejects == 0
-    assert manifest.encoder.sha256 == sidecar.onnx_sha256
+    assert manifest.encoder.sha256 == sidecar.onnx_sha256 and manifest.sidecar == sidecar
+    keys = [key for key, _, _ in iter_latents(f"{store}/latents/train")]
+    assert len(keys) == len(set(keys)) == samples  # every image once, read as diffusion reads
     assert re.search(r'"ok": true', verify), verify[-3000:]
 
 
