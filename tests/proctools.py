@@ -31,3 +31,27 @@ def kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def run_cluster_script(script: str, workdir, *args: str, timeout: float) -> dict:
+    """``python SCRIPT WORKDIR ARGS...`` (tests/integration/cluster_*.py), its output in
+    WORKDIR/cluster.log; on a timeout the script and its cluster's processes are killed, no
+    others. Returns the script's WORKDIR/result.json with the log under "log"."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = Path(workdir)
+    log = workdir / "cluster.log"
+    with open(log, "w") as out:
+        cmd = [sys.executable, script, str(workdir), *args]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    result_file = workdir / "result.json"
+    assert result_file.exists(), log.read_text()[-4000:]
+    return {**json.loads(result_file.read_text()), "log": log.read_text()}

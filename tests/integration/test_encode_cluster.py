@@ -8,14 +8,11 @@ per scenario.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.proctools import kill_tree
+from tests.proctools import run_cluster_script
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +23,9 @@ SCENARIOS = ["replace", "gone", "all"]  # "all" leaves no worker node: last
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_encoder) -> dict:
     workdir = tmp_path_factory.mktemp("cluster_encode")
-    log = workdir / "cluster.log"
-    with open(log, "w") as out:
-        cmd = [sys.executable, SCRIPT, str(workdir), tiny_encoder, *SCENARIOS]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
-    try:
-        proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:  # timed out: the script and its cluster's processes, no others
-            kill_tree(proc.pid)
-    result_file = workdir / "result.json"
-    assert result_file.exists(), log.read_text()[-4000:]
-    result = json.loads(result_file.read_text())
-    assert "manifest" in result["reference"], (result, log.read_text()[-3000:])
-    return {**result, "log": log.read_text()}
+    result = run_cluster_script(SCRIPT, workdir, tiny_encoder, *SCENARIOS, timeout=900)
+    assert "manifest" in result["reference"], (result, result["log"][-3000:])
+    return result
 
 
 def _scenario_log(runs: dict, name: str) -> str:

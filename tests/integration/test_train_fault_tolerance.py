@@ -27,7 +27,7 @@ from pipeline.errors import ResumableError
 from pipeline.train.checkpoint import latest_checkpoint, read_state
 from pipeline.train.config import TrainRunConfig
 from tests.conftest import TINY_TRAIN, _free_port
-from tests.proctools import descendants, kill_tree
+from tests.proctools import descendants, kill_tree, run_cluster_script
 
 pytestmark = pytest.mark.slow
 
@@ -165,18 +165,7 @@ def test_killed_command_and_workers_resume_from_their_latest_checkpoints(
 def cluster_runs(tmp_path_factory, tiny_shards) -> dict:
     """Both cluster scenarios in one subprocess (one cluster start): fixed, then elastic."""
     workdir = tmp_path_factory.mktemp("cluster_train")
-    log = workdir / "cluster.log"
-    with open(log, "w") as out:
-        cmd = [sys.executable, CLUSTER_SCRIPT, str(workdir), tiny_shards, "fixed", "elastic"]
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:  # timed out: the script and its cluster's processes, no others
-            kill_tree(proc.pid)
-    result_file = workdir / "result.json"
-    assert result_file.exists(), log.read_text()[-4000:]
-    return {**json.loads(result_file.read_text()), "log": log.read_text()}
+    return run_cluster_script(CLUSTER_SCRIPT, workdir, tiny_shards, "fixed", "elastic", timeout=600)
 
 
 def test_lost_node_fixed_size_run_resumes_on_a_replacement_node(cluster_runs):
