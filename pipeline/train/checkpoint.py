@@ -120,6 +120,56 @@ def put_tree(fs, local_dir: str, target: str) -> None:
             fs.put_file(os.path.join(parent, name), f"{remote}/{name}")
 
 
+def local_file_sizes(local_dir: str) -> dict[str, int]:
+    """{path relative to `local_dir` (posix): size in bytes} of every file below it."""
+    sizes = {}
+    for parent, _, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(parent, name)
+            sizes[os.path.relpath(path, local_dir).replace(os.sep, "/")] = os.path.getsize(path)
+    return sizes
+
+
+def remote_file_sizes(fs, root: str) -> dict[str, int]:
+    """The same map for a directory on an fsspec filesystem, listed afresh (no cached listing)."""
+    fs.invalidate_cache(root)
+    found = fs.find(root, detail=True) if fs.exists(root) else {}
+    return {_relative(path, root): info["size"] for path, info in found.items()}
+
+
+def pyarrow_file_sizes(fs, root: str) -> dict[str, int]:
+    """The same map for a directory on a pyarrow filesystem (what Ray Train uploads through)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    return {_relative(i.path, root): i.size for i in infos if i.type == FileType.File}
+
+
+def check_upload_complete(local: dict[str, int], remote: dict[str, int], target: str) -> None:
+    """Raise OSError unless every local file is at `target` with its size.
+
+    Why: an object store client can lose a write and still report success. Seen here with
+    pyarrow 26 and an S3 server restarting mid-upload: pyarrow logged the failed part upload
+    as "Error ignored when destroying file" and Ray reported the checkpoint created, which
+    would leave a checkpoint naming a step it cannot restore. The upload is retried on this
+    error like on any other.
+    """
+    bad = [
+        f"{name} (missing)" if name not in remote else f"{name} ({remote[name]} of {size} bytes)"
+        for name, size in sorted(local.items())
+        if remote.get(name) != size
+    ]
+    if bad:
+        raise OSError(
+            f"checkpoint upload to {target} incomplete: {len(bad)} of {len(local)} files "
+            f"missing or short: {', '.join(bad[:3])}"
+        )
+
+
+def _relative(path: str, root: str) -> str:
+    return path.rstrip("/")[len(root.rstrip("/")) + 1 :]
+
+
 def read_config(directory: str) -> TrainRunConfig:
     with _local_copy(directory, CONFIG_FILE) as path:
         return load_yaml_as(TrainRunConfig, path)

@@ -22,7 +22,15 @@ from pipeline.errors import ResumableError
 from pipeline.evaluate.quality import evaluate_checkpoint
 from pipeline.raysetup import init_ray
 from pipeline.train.board import write_eval
-from pipeline.train.checkpoint import latest_checkpoint, put_tree, read_state
+from pipeline.train.checkpoint import (
+    check_upload_complete,
+    latest_checkpoint,
+    local_file_sizes,
+    put_tree,
+    pyarrow_file_sizes,
+    read_state,
+    remote_file_sizes,
+)
 from pipeline.train.config import TrainConfig, TrainRunConfig, run_dir
 from pipeline.train.loop import MetricsLog, WorkerContext, check_run_config, run_loop
 from pipeline.train.retry import with_retries
@@ -235,8 +243,15 @@ def _ray_report(t: TrainConfig, step: int, metrics: dict, write) -> None:
 
     def upload(checkpoint, dir_name: str):
         storage = ray.train.get_context().get_storage()
+
+        def persist_checked():
+            persisted = storage.persist_current_checkpoint(checkpoint, dir_name)
+            remote = pyarrow_file_sizes(persisted.filesystem, persisted.path)
+            check_upload_complete(local_file_sizes(checkpoint.path), remote, persisted.path)
+            return persisted
+
         return with_retries(
-            lambda: storage.persist_current_checkpoint(checkpoint, dir_name),
+            persist_checked,
             f"checkpoint upload of step {step} to {dir_name}",
             t.upload_attempts,
             t.upload_backoff_s,
@@ -298,6 +313,7 @@ def _save_numbered_checkpoint(t: TrainConfig, step: int, write) -> None:
 
     def upload(tmp: str) -> None:  # whole directory again on a retry: a partial copy is overwritten
         put_tree(fs, tmp, target)
+        check_upload_complete(local_file_sizes(tmp), remote_file_sizes(fs, target), target)
 
     with tempfile.TemporaryDirectory() as tmp:
         write(tmp)

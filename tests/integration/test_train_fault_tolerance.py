@@ -239,11 +239,17 @@ def test_s3_server_restart_mid_run_is_retried_and_the_run_finishes(tiny_shards, 
         assert proc.returncode == 0, output[-4000:]
         checkpoint = re.search(r'"checkpoint": "s3://([^"]+)"', output).group(1)
         fs.get(checkpoint, str(tmp_path / "final"), recursive=True)
+        kept = sorted(fs.glob(f"{bucket}/runs/s3/checkpoint_*", refresh=True))
+        for i, path in enumerate(kept):
+            fs.get(path, str(tmp_path / f"kept{i}"), recursive=True)
     finally:
         if proc.poll() is None:  # after a failure: the CLI and its embedded Ray, no others
             kill_tree(proc.pid)
         server.stop()
     assert read_state(str(tmp_path / "final"))["step"] == steps
+    # No checkpoint the outage met was left incomplete: every one on the store loads.
+    steps_kept = [read_state(str(tmp_path / f"kept{i}"))["step"] for i in range(len(kept))]
+    assert steps_kept == sorted(steps_kept) and steps_kept[-1] == steps, steps_kept
     # The outage was met and retried: by our checkpoint upload, or (when Ray's controller met
     # it first, writing its run snapshot) by restarting the run from its latest checkpoint.
     retried = [line for line in output.splitlines() if "retrying in" in line]

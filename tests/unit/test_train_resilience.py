@@ -17,7 +17,14 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.config import load_config
 from pipeline.errors import ResumableError
-from pipeline.train.checkpoint import latest_checkpoint, read_state
+from pipeline.train.checkpoint import (
+    check_upload_complete,
+    latest_checkpoint,
+    local_file_sizes,
+    pyarrow_file_sizes,
+    read_state,
+    remote_file_sizes,
+)
 from pipeline.train.config import TrainRunConfig
 from pipeline.train.loop import check_run_config
 from pipeline.train.retry import MAX_BACKOFF_S, backoff_delays, with_retries
@@ -110,6 +117,12 @@ class FlakyMemoryFS(MemoryFileSystem):
 
     def put_file(self, lpath, rpath, **kwargs):
         self._maybe_fail("put_file")
+        if self.FAILURES.get("lost_write", 0) > 0 and os.path.getsize(lpath) > 1:
+            # A store that acknowledges a write it did not keep: half the bytes, no error.
+            self.FAILURES["lost_write"] -= 1
+            with open(lpath, "rb") as src:
+                data = src.read()
+            return self.pipe_file(rpath, data[: len(data) // 2])
         return super().put_file(lpath, rpath, **kwargs)
 
     def open(self, path, mode="rb", **kwargs):
@@ -120,7 +133,7 @@ class FlakyMemoryFS(MemoryFileSystem):
 
 def test_single_process_run_survives_a_failing_store_and_says_how_to_resume(tiny_shards, caplog):
     fsspec.register_implementation("flaky", FlakyMemoryFS, clobber=True)
-    FlakyMemoryFS.FAILURES.update({"put_file": 2, "metrics": 2})
+    FlakyMemoryFS.FAILURES.update({"put_file": 2, "metrics": 2, "lost_write": 1})
     overrides = [
         f"data.shards={tiny_shards}",
         *TINY_TRAIN,
@@ -136,11 +149,13 @@ def test_single_process_run_survives_a_failing_store_and_says_how_to_resume(tiny
     cfg = load_config(TrainRunConfig, None, overrides)
     with caplog.at_level(logging.INFO, logger="latentpipe.train"):
         result = train(cfg)
-    assert FlakyMemoryFS.FAILURES == {"put_file": 0, "metrics": 0}  # every failure was hit
+    assert FlakyMemoryFS.FAILURES == {"put_file": 0, "metrics": 0, "lost_write": 0}  # all hit
     assert read_state(result["checkpoint"])["step"] == 4
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("retrying in" in m for m in messages) == 4
-    assert any("checkpoint upload of step 2" in m and "succeeded on try 3" in m for m in messages)
+    assert sum("retrying in" in m for m in messages) == 5
+    # Two refused writes, then one the store "kept" short: found by the size check, retried.
+    assert any("checkpoint upload of step 2" in m and "incomplete: 1 of" in m for m in messages)
+    assert any("checkpoint upload of step 2" in m and "succeeded on try 4" in m for m in messages)
     lines = fsspec.filesystem("memory").cat_file("/flaky-runs/flaky/metrics.jsonl").splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [2, 4]  # nothing lost, nothing written twice
@@ -171,3 +186,41 @@ def test_worker_group_waits_for_resources_as_configured(monkeypatch):
     elastic = [*keys, "train.min_workers=1", "train.resource_wait_s=15"]
     _trainer(load_config(TrainRunConfig, None, elastic))
     assert float(os.environ[WORKER_GROUP_START_TIMEOUT]) == 15
+
+
+def test_upload_check_finds_missing_and_short_files_on_both_filesystem_kinds(tmp_path):
+    """The listing Ray's uploads are checked through (pyarrow) and ours (fsspec) agree, and a
+    copy missing a file or holding a short one is refused by name."""
+    import shutil
+
+    from pyarrow.fs import LocalFileSystem
+
+    local = tmp_path / "built"
+    (local / "model").mkdir(parents=True)
+    (local / "training_state.pt").write_bytes(b"x" * 100)
+    (local / "model" / "weights.safetensors").write_bytes(b"w" * 1000)
+    sizes = local_file_sizes(str(local))
+    assert sizes == {"training_state.pt": 100, "model/weights.safetensors": 1000}
+
+    remote = tmp_path / "store" / "checkpoint_1"
+    shutil.copytree(local, remote)
+    fs = fsspec.filesystem("file")
+    for listed in (
+        pyarrow_file_sizes(LocalFileSystem(), str(remote)),
+        remote_file_sizes(fs, str(remote)),
+    ):
+        assert listed == sizes
+        check_upload_complete(sizes, listed, str(remote))
+
+    (remote / "model" / "weights.safetensors").write_bytes(b"w" * 10)
+    (remote / "training_state.pt").unlink()
+    for listed in (
+        pyarrow_file_sizes(LocalFileSystem(), str(remote)),
+        remote_file_sizes(fs, str(remote)),
+    ):
+        with pytest.raises(OSError, match="incomplete: 2 of 2 files") as err:
+            check_upload_complete(sizes, listed, str(remote))
+        assert "model/weights.safetensors (10 of 1000 bytes)" in str(err.value)
+        assert "training_state.pt (missing)" in str(err.value)
+    assert remote_file_sizes(fs, str(tmp_path / "nowhere")) == {}
+    assert pyarrow_file_sizes(LocalFileSystem(), str(tmp_path / "nowhere")) == {}
