@@ -247,13 +247,15 @@ def cpu_window(a: Snapshot, b: Snapshot, root: int) -> dict:
     """Cores used between two snapshots: ours (`root` and its descendants: this bench, its DDP
     children, loader processes, our Ray cluster), other (the rest of the machine), idle."""
     ours_pids = descendants(b.procs, str(root))
-    ours = 0.0
+    ours, roles = 0.0, dict.fromkeys(ROLES, 0.0)
     for pid in ours_pids:
         cmd, cpu, _ = b.procs[pid]
         before = a.procs.get(pid)
         if before is not None and before[0] != cmd and not cmd.startswith("ray::"):
             before = None  # the pid was reused (Ray workers retitle themselves: not that)
-        ours += cpu - (before[1] if before else 0.0)
+        used = cpu - (before[1] if before else 0.0)
+        ours += used
+        roles[process_role(pid, b.procs, root)] += used
     busy, idle, wall = b.busy - a.busy, b.idle - a.idle, b.at - a.at
     return {
         "wall_s": round(wall, 2),
@@ -261,7 +263,31 @@ def cpu_window(a: Snapshot, b: Snapshot, root: int) -> dict:
         "other": round(max(busy - ours, 0.0) / wall, 3),
         "idle": round(idle / wall, 3),
         "ours_core_s": round(ours, 2),
+        "ours_by_role": {role: round(used / wall, 3) for role, used in roles.items()},
     }
+
+
+# Where our cores go: the training processes (Ray Train workers, DDP ranks, or this bench in
+# (a)/(b)), their data-loader processes, Ray's own processes (GCS, raylet, dashboard and its
+# agents, Train's controller, idle workers), and this bench's process when it does not train.
+ROLES = ("train", "loader", "ray", "bench")
+TRAIN_MARK = "ray::RayTrainWorker"
+
+
+def process_role(pid: str, procs: dict, root: int) -> str:
+    """The role of one of our processes (loader workers are forked: they carry their parent's
+    command line, a Ray Train worker's retitled one included; DDP ranks are spawned)."""
+    cmd, _, parent = procs[pid]
+    parent_cmd = procs.get(parent, ("", 0.0, ""))[0]
+    if int(pid) == root:
+        return "bench"
+    if cmd.startswith(TRAIN_MARK):
+        return "loader" if parent_cmd.startswith(TRAIN_MARK) else "train"
+    if int(parent) == root and "spawn_main" in cmd:
+        return "train"  # a DDP rank of (d)
+    if cmd == parent_cmd:
+        return "loader"  # forked by the bench in (b) or by a DDP rank
+    return "ray"
 
 
 def steady(marks: dict[int, float], t0: float, end: float, sizes: Sizes, world: int) -> dict:
@@ -741,6 +767,18 @@ def markdown(result: dict) -> str:
             )
     lines += [
         "",
+        "Our cores in the steady window by process: train / loader / Ray's own / bench (in (a) "
+        "and (b) the bench's own process is the one training):",
+        "",
+        "| workload | precision | (a) | (b) | (c) | (d) | (e) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for w in result["workloads"]:
+        for precision, r in w["precisions"].items():
+            cells = [_roles(r[k]) for k in "abcde"]
+            lines.append(f"| {w['info']['workload']} | {precision} | {' | '.join(cells)} |")
+    lines += [
+        "",
         "| workload | loader alone img/s (workers, 1st batch s) | decode core-ms/img "
         "| (a) core-ms/img fp32 (best GFLOP/s) | decode share of CPU | bookkeeping us/step, us/record "
         "| checkpoint s each: (b) / (e) | share at the YAML's checkpoint_every |",
@@ -762,6 +800,13 @@ def markdown(result: dict) -> str:
             f"{book.get('record_us', '-')} | {ck} | {share} |"
         )
     return "\n".join(lines)
+
+
+def _roles(variant: dict) -> str:
+    roles = variant.get("cpu", {}).get("ours_by_role")
+    if not roles:
+        return "n/a"
+    return " / ".join(_num(roles[k]) for k in ROLES)
 
 
 # -- driver -----------------------------------------------------------------------------------

@@ -239,7 +239,10 @@ def test_s3_server_restart_mid_run_is_retried_and_the_run_finishes(tiny_shards, 
         assert proc.returncode == 0, output[-4000:]
         checkpoint = re.search(r'"checkpoint": "s3://([^"]+)"', output).group(1)
         fs.get(checkpoint, str(tmp_path / "final"), recursive=True)
-        kept = sorted(fs.glob(f"{bucket}/runs/s3/checkpoint_*", refresh=True))
+        listed = fs.ls(f"{bucket}/runs/s3", detail=True, refresh=True)
+        kept = sorted(  # directories: Ray's checkpoint_manager_snapshot.json sits beside them
+            e["name"] for e in listed if e["type"] == "directory" and "/checkpoint_" in e["name"]
+        )
         for i, path in enumerate(kept):
             fs.get(path, str(tmp_path / f"kept{i}"), recursive=True)
     finally:
