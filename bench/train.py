@@ -247,7 +247,7 @@ def cpu_window(a: Snapshot, b: Snapshot, root: int) -> dict:
     """Cores used between two snapshots: ours (`root` and its descendants: this bench, its DDP
     children, loader processes, our Ray cluster), other (the rest of the machine), idle."""
     ours_pids = descendants(b.procs, str(root))
-    ours, roles = 0.0, dict.fromkeys(ROLES, 0.0)
+    ours, roles, ray_procs = 0.0, dict.fromkeys(ROLES, 0.0), {}
     for pid in ours_pids:
         cmd, cpu, _ = b.procs[pid]
         before = a.procs.get(pid)
@@ -255,7 +255,10 @@ def cpu_window(a: Snapshot, b: Snapshot, root: int) -> dict:
             before = None  # the pid was reused (Ray workers retitle themselves: not that)
         used = cpu - (before[1] if before else 0.0)
         ours += used
-        roles[process_role(pid, b.procs, root)] += used
+        role = process_role(pid, b.procs, root)
+        roles[role] += used
+        if role == "ray":
+            ray_procs[cmd[:90]] = ray_procs.get(cmd[:90], 0.0) + used
     busy, idle, wall = b.busy - a.busy, b.idle - a.idle, b.at - a.at
     return {
         "wall_s": round(wall, 2),
@@ -264,6 +267,12 @@ def cpu_window(a: Snapshot, b: Snapshot, root: int) -> dict:
         "idle": round(idle / wall, 3),
         "ours_core_s": round(ours, 2),
         "ours_by_role": {role: round(used / wall, 3) for role, used in roles.items()},
+        # Ray's own processes using the most, by command line: what its share is spent on
+        "ray_top": [
+            [cmd, round(used / wall, 3)]
+            for cmd, used in sorted(ray_procs.items(), key=lambda kv: -kv[1])[:6]
+            if used > 0
+        ],
     }
 
 
