@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(VENV)/bin/latentpipe demo workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25  # the slowest tests, to keep the suite within budget
+	$(PY) -m pytest -q -n 2 --durations=25  # 2 workers (tests/conftest.py); the slowest tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline jobs tests bench

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,34 @@ _S3_ENV = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+# `make test` runs the suite on 2 pytest-xdist workers (`-n 2`): most of a Ray test's wall
+# time is spent waiting (process start-up, health checks, node-death detection), so two run
+# side by side in about the time of the longer. Work is handed out a module at a time (its
+# module-scoped fixtures are built once, in one worker), and the modules that start Ray
+# clusters of their own (`ray start`, ray.cluster_utils.Cluster) form one unit: they run one
+# after another, never two clusters' health checks competing for 2 cores.
+OWN_CLUSTER_MODULES = {"test_ray_cluster_jobs", "test_train_lost_nodes", "test_encode_cluster"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, or one unit for OWN_CLUSTER_MODULES."""
+    module = nodeid.split("::", 1)[0]
+    return "own-clusters" if Path(module).stem in OWN_CLUSTER_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a pytest-xdist hook; absent without it
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's own --dist loadgroup cannot do this with pytest 9 (it renames Item._nodeid,
+    # which pytest 9 no longer reads), so: its loadscope scheduling with our units.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModuleUnits(config, log)
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Ray Train on a simulated multi-node cluster losing a node (run by test_train_fault_tolerance.py).
+"""Ray Train on a simulated multi-node cluster losing a node (run by test_train_lost_nodes.py).
 
     python tests/integration/cluster_train.py WORKDIR SHARDS SCENARIO [SCENARIO ...]
 

@@ -1,11 +1,9 @@
-"""Ray Train runs that lose a worker process, a node, or their object store, and go on.
+"""Ray Train runs that lose a worker process, the whole command, or their object store, and
+go on (a lost node: test_train_lost_nodes.py).
 
 - The whole command SIGKILLed: the same command resumes from the newest checkpoint. A
   SIGKILLed DDP worker: with train.max_failures=0 the run fails saying how to resume, the
   same command resumes it, and with max_failures=1 it survives another kill in one call.
-- A lost node on a simulated multi-node cluster (tests/integration/cluster_train.py): a
-  fixed-size run resumes on a replacement node; an elastic run goes on with one worker at the
-  global batch and learning rate of one worker.
 - The S3 server (moto) stopped and restarted mid-run: writes are retried, the run finishes.
 """
 
@@ -27,11 +25,9 @@ from pipeline.errors import ResumableError
 from pipeline.train.checkpoint import latest_checkpoint, read_state
 from pipeline.train.config import TrainRunConfig
 from tests.conftest import TINY_TRAIN, _free_port
-from tests.proctools import descendants, kill_tree, run_cluster_script
+from tests.proctools import descendants, kill_tree
 
 pytestmark = pytest.mark.slow
-
-CLUSTER_SCRIPT = os.path.join(os.path.dirname(__file__), "cluster_train.py")
 
 
 def _overrides(shards: str, storage, name: str, steps: int, *extra: str) -> list[str]:
@@ -159,37 +155,6 @@ def test_killed_command_and_workers_resume_from_their_latest_checkpoints(
     assert resumed[:2] == [killed_at, first], records
     assert len(resumed) == 3 and first < resumed[2] <= second  # the restart within one call
     assert records[-1]["step"] == steps and records[-1]["world_size"] == 2
-
-
-@pytest.fixture(scope="module")
-def cluster_runs(tmp_path_factory, tiny_shards) -> dict:
-    """Both cluster scenarios in one subprocess (one cluster start): fixed, then elastic."""
-    workdir = tmp_path_factory.mktemp("cluster_train")
-    return run_cluster_script(CLUSTER_SCRIPT, workdir, tiny_shards, "fixed", "elastic", timeout=600)
-
-
-def test_lost_node_fixed_size_run_resumes_on_a_replacement_node(cluster_runs):
-    run = cluster_runs["fixed"]
-    assert run["finished"] and "checkpoint" in run, run.get("error")
-    assert run["final_step"] == cluster_runs["steps"]
-    records = run["metrics"]
-    resumed = [r for r in records if "resumed_from" in r]
-    assert len(resumed) == 1 and 0 < resumed[0]["resumed_from"] < cluster_runs["steps"]
-    assert {r["world_size"] for r in records} == {2}
-
-
-def test_lost_node_elastic_run_goes_on_smaller_with_scaled_lr(cluster_runs):
-    run = cluster_runs["elastic"]
-    assert run["finished"] and "checkpoint" in run, run.get("error")
-    assert run["final_step"] == cluster_runs["steps"]
-    records = run["metrics"]
-    before, after = records[0], records[-1]
-    assert (before["world_size"], after["world_size"]) == (2, 1)
-    assert after["global_batch"] == before["global_batch"] // 2
-    assert after["lr"] == pytest.approx(before["lr"] / 2)  # lr_scaling=linear
-    resumed = next(r for r in records if "resumed_from" in r)
-    assert resumed["world_size"] == 1  # the first record after the restart is already smaller
-    assert "world size 1 (elastic 1..2): global batch" in cluster_runs["log"]
 
 
 def test_s3_server_restart_mid_run_is_retried_and_the_run_finishes(tiny_shards, tmp_path):

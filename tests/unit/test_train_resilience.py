@@ -1,7 +1,7 @@
 """Fault-tolerance pieces that need no Ray: storage retries, learning-rate scaling, config checks.
 
 The Ray Train side (killed workers, lost nodes, elastic runs, an S3 server restarting) is in
-tests/integration/test_train_fault_tolerance.py.
+tests/integration/test_train_fault_tolerance.py and test_train_lost_nodes.py.
 """
 
 from __future__ import annotations
