@@ -17,7 +17,7 @@ The same model on the same batches, five ways, per workload and precision, in on
       rank on its own pre-decoded batches (the trainer's loader, rank r of 2), `train_step` on
       the DDP-wrapped model exactly as Ray's `prepare_model` wraps it on CPU;
   (e) Ray Train with 2 workers, 1 CPU each (`train.num_workers=2`).
-Ratios b/a, c/a (a = the better of two runs, before and after the Ray runs) and e/d; targets
+Ratios b/a, c/a (a = the better of its block's two runs, before and after Ray) and e/d; targets
 (issue 11) >= 0.9 each. bf16 in (b), (c), (e) passes `train.precision=bf16`, only when
 `TrainConfig` has a `precision` field (else the row says "not available in this build").
 
@@ -41,10 +41,14 @@ kl-f8-small at 128 px (configs/model/kl-f8-small.yaml layered on it; batch 2, si
 step takes seconds on a CPU core). Weights untrained and seeded (`train.seed`). Corpus: tiles of
 the photos bundled with scikit-image and scikit-learn (`build_sample_corpus`, what
 `latentpipe shards source=sample` writes; nothing is downloaded), 96 px tiles for 64 px and
-160 px tiles for 128 px, so every image is decoded and resized. Ray: embedded, started once
-with the trainer's own `init_ray(num_cpus=2)`, then one untimed 1-step Ray Train fit whose
-workers report their torch thread counts. Markdown tables go to stdout, everything to the
-JSON file (default bench/results/train[-quick].json).
+160 px tiles for 128 px, so every image is decoded and resized.
+
+Order: one block per workload and precision, its variants minutes apart (a 2-vCPU VM's
+per-core speed drifts over a long run): (a), (d), (b) without Ray; embedded Ray started with
+the trainer's own `init_ray(num_cpus=2)` (in the first block, one untimed 1-step Ray Train fit
+whose workers report their torch thread counts); (c), (e); Ray shut down; (a) again.
+Markdown tables go to stdout, everything to the JSON file (default
+bench/results/train[-quick].json).
 """
 
 from __future__ import annotations
@@ -641,10 +645,10 @@ def phase_plain(p: dict, precisions, threads: int, work: Path, rows: dict) -> No
         print(f"[{name} {precision}] (d) plain DDP x2 ... load {loadavg()}", flush=True)
         row["d"] = plain_ddp(cfg, precision, sizes, work)
         row["b"] = trainer_variant(name, sizes, p["shards"], work, precision, 0, threads)
-    if sizes.checkpoint_every:
-        rows["fp32"]["b_ckpt"] = trainer_variant(
-            name, sizes, p["shards"], work, "fp32", 0, threads, sizes.checkpoint_every
-        )
+        if sizes.checkpoint_every and precision == "fp32":
+            row["b_ckpt"] = trainer_variant(
+                name, sizes, p["shards"], work, "fp32", 0, threads, sizes.checkpoint_every
+            )
 
 
 def phase_ray(p: dict, precisions, threads: int, work: Path, rows: dict) -> None:
@@ -654,10 +658,10 @@ def phase_ray(p: dict, precisions, threads: int, work: Path, rows: dict) -> None
             name, sizes, p["shards"], work, precision, 1, threads
         )
         rows[precision]["e"] = trainer_variant(name, sizes, p["shards"], work, precision, 2, 1)
-    if sizes.checkpoint_every:
-        rows["fp32"]["e_ckpt"] = trainer_variant(
-            name, sizes, p["shards"], work, "fp32", 2, 1, sizes.checkpoint_every
-        )
+        if sizes.checkpoint_every and precision == "fp32":
+            rows["fp32"]["e_ckpt"] = trainer_variant(
+                name, sizes, p["shards"], work, "fp32", 2, 1, sizes.checkpoint_every
+            )
 
 
 def phase_again(p: dict, precisions, threads: int, rows: dict) -> None:
@@ -866,18 +870,21 @@ def run(mode: str, names: list[str], precisions: list[str], threads: int, work: 
     torch.set_num_threads(threads)
     prepared = {n: prepare(n, MODES[mode][n], work, mode) for n in names}
     rows: dict = {n: {} for n in names}
+    # One block per workload and precision, its variants minutes apart: a 2-vCPU VM's per-core
+    # speed drifts (the same (a) loop took 21% more CPU per image 15 minutes later in one
+    # run), so comparing variants run far apart measures the drift, not the trainer.
     for n in names:
-        phase_plain(prepared[n], precisions, threads, work, rows[n])
-    started = now()
-    init_ray(num_cpus=RAY_CPUS)  # the trainer's own set-up: train() then finds Ray running
-    result["ray_init_s"] = round(now() - started, 2)
-    shapes = [(2, 1)] + ([(1, threads)] if threads != 1 else [])
-    result["ray_thread_probe"] = [probe_ray_workers(work, w, c) for w, c in shapes]
-    for n in names:
-        phase_ray(prepared[n], precisions, threads, work, rows[n])
-    ray.shutdown()
-    for n in names:
-        phase_again(prepared[n], precisions, threads, rows[n])
+        for precision in precisions:
+            phase_plain(prepared[n], [precision], threads, work, rows[n])
+            started = now()
+            init_ray(num_cpus=RAY_CPUS)  # the trainer's own set-up: train() finds Ray running
+            result.setdefault("ray_init_s", []).append(round(now() - started, 2))
+            if "ray_thread_probe" not in result:
+                shapes = [(2, 1)] + ([(1, threads)] if threads != 1 else [])
+                result["ray_thread_probe"] = [probe_ray_workers(work, w, c) for w, c in shapes]
+            phase_ray(prepared[n], [precision], threads, work, rows[n])
+            ray.shutdown()
+            phase_again(prepared[n], [precision], threads, rows[n])
     result["workloads"] = [workload_result(prepared[n], rows[n]) for n in names]
     result["machine"]["loadavg_end"] = loadavg()
     return result
