@@ -40,7 +40,13 @@ def read_pins(path: str) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {normalise(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """{name: version}, the first of each name on sys.path: the one an import resolves to.
+    Later ones are not installed copies but vendored metadata, e.g. setuptools/_vendor (which
+    pkg_resources appends to sys.path) holds an older importlib_metadata's dist-info."""
+    found: dict[str, str] = {}
+    for dist in metadata.distributions():
+        found.setdefault(normalise(dist.metadata["Name"]), dist.version)
+    return found
 
 
 def installed_requires(name: str) -> list[str] | None:

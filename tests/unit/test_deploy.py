@@ -255,3 +255,12 @@ def test_build_context_holds_what_the_image_needs_and_no_secrets():
         ".ray/auth_token",
     ]
     assert [p for p in kept_out if not _dockerignored(p, patterns)] == []
+
+
+def test_pins_check_ignores_vendored_metadata_on_sys_path():
+    """`import setuptools` (torch's inductor does) puts setuptools/_vendor, with older
+    importlib_metadata / zipp dist-infos, on sys.path: the installed versions still count."""
+    code = "import setuptools, sys; sys.path.insert(0, 'deploy'); import check_pins; "
+    code += "sys.exit(check_pins.main(['constraints.txt', 'dev,s3']))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
