@@ -35,6 +35,10 @@ def work_unit(nodeid: str) -> str:
 def pytest_xdist_make_scheduler(config, log):
     # xdist's own --dist loadgroup cannot do this with pytest 9 (it renames Item._nodeid,
     # which pytest 9 no longer reads), so: its loadscope scheduling with our units.
+    # Only for the modes that split by scope anyway (-n's default is "load"): a --dist given
+    # by hand (each, worksteal, ...) keeps xdist's own scheduler.
+    if config.getvalue("dist") not in ("load", "loadscope"):
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleUnits(LoadScopeScheduling):
