@@ -1,20 +1,29 @@
-"""Does running the training loop in a thread cost CPU? Ray Train V2 runs the train function in
-a thread of the worker actor; (a) and (b) of bench/train.py run it in the main thread.
+"""Does where the training loop runs cost CPU? Ray Train V2 runs the train function in a thread
+of a Ray worker actor; (a) and (b) of bench/train.py run it in the bench's main thread.
 
     .venv/bin/python bench/thread_probe.py kl-f8-small bf16 main
     .venv/bin/python bench/thread_probe.py kl-f8-small bf16 thread
+    .venv/bin/python bench/thread_probe.py kl-f8-small bf16 actor          # a 1-CPU Ray actor
+    .venv/bin/python bench/thread_probe.py kl-f8-small bf16 actor-thread   # ... in a thread of it
+    .venv/bin/python bench/thread_probe.py kl-f8-small bf16 main,actor --repeat 3
 
-Same model, same (random) batches, one torch thread; prints images/s and CPU per image of the
-steps after the first two.
+The loop is bench/train.py's (a), `plain_loop`, on the same (random) batches, one torch thread.
+Each place runs in a fresh process (`actor`: its own embedded Ray, `ray.init(address="local", num_cpus=2)`, an actor of
+1 CPU, as Ray Train places a worker); with several places and `--repeat`, they alternate, so a
+VM's drifting per-core speed falls on all of them alike. Prints one JSON line per run: steady
+images/s, CPU per image of the whole loop (user, sys), minor page faults per image, and what the
+process runs with (torch threads, OMP_NUM_THREADS, nice, CPU affinity, LD_PRELOAD).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -22,53 +31,104 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train as bench  # noqa: E402  (bench/train.py)
 
+PLACES = ("main", "thread", "actor", "actor-thread")
+
 
 def measure(name: str, precision: str, steps: int, threads: int) -> dict:
-    sizes = bench.MODES["full"][name]
+    """bench/train.py's plain loop (a) with the process's own rusage around it."""
+    full = bench.MODES["full"][name]
+    sizes = bench.Sizes(full.batch_size, steps, 2, 0)
     cfg = bench.run_config(name, sizes, "unused", Path("/tmp/latentpipe-thread-probe"))
     res = bench.WORKLOADS[name].resolution
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(sizes.batch_size, 3, res, res, generator=g) * 2 - 1 for _ in range(steps)]
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = bench.build_model(cfg.model)
-    opt = bench.make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
-    step = bench.step_fn(cfg, precision)
-    for i in range(2):
-        step(model, batches[i], opt, i)
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    for i in range(2, steps):
-        step(model, batches[i], opt, i)
-    t1, r1 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
-    n = (steps - 2) * sizes.batch_size
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    figures, _ = bench.plain_loop(cfg, batches, precision, sizes, threads)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    n = steps * sizes.batch_size
     return {
-        "img_s": round(n / (t1 - t0), 2),
+        "img_s": figures["steady_images_per_s"],
         "user_ms_per_img": round((r1.ru_utime - r0.ru_utime) / n * 1e3, 1),
         "sys_ms_per_img": round((r1.ru_stime - r0.ru_stime) / n * 1e3, 1),
         "minor_faults_per_img": round((r1.ru_minflt - r0.ru_minflt) / n),
+        "loss_last": figures["loss_last"],
+        "process": process_facts(),
     }
+
+
+def process_facts() -> dict:
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "nice": os.nice(0),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
+        "threads_in_process": len(os.listdir("/proc/self/task")),
+    }
+
+
+def in_thread(fn, *args) -> dict:
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(fn(*args)))
+    worker.start()
+    worker.join()
+    return out
+
+
+def in_actor(in_a_thread: bool, *args) -> dict:
+    import ray
+
+    # Ray's workers inherit this process's environment: let them import bench/train.py too
+    # (no runtime_env: Ray Train's workers in bench/train.py run without one).
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Probe:
+            def run(self) -> dict:
+                return in_thread(measure, *args) if in_a_thread else measure(*args)
+
+        return ray.get(Probe.remote().run.remote())
+    finally:
+        ray.shutdown()
+
+
+def run_here(place: str, *args) -> dict:
+    if place == "main":
+        return measure(*args)
+    if place == "thread":
+        return in_thread(measure, *args)
+    return in_actor(place == "actor-thread", *args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=sorted(bench.WORKLOADS))
     parser.add_argument("precision", choices=["fp32", "bf16"])
-    parser.add_argument("where", choices=["main", "thread"])
+    parser.add_argument("places", help=f"comma-separated, of {', '.join(PLACES)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out: dict = {}
-
-    def body() -> None:
-        out.update(measure(args.workload, args.precision, args.steps, args.threads))
-
-    if args.where == "main":
-        body()
-    else:
-        worker = threading.Thread(target=body)
-        worker.start()
-        worker.join()
-    print(args.workload, args.precision, args.where, out, flush=True)
+    places = args.places.split(",")
+    unknown = sorted(set(places) - set(PLACES))
+    if unknown:
+        parser.error(f"unknown place(s) {unknown}; choose from {', '.join(PLACES)}")
+    if args.child:  # one place, in this fresh process
+        out = run_here(places[0], args.workload, args.precision, args.steps, args.threads)
+        print(json.dumps(out), flush=True)
+        return
+    for i in range(args.repeat):
+        for place in places:
+            cmd = [sys.executable, __file__, args.workload, args.precision, place, "--child"]
+            cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+            lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            line = {"run": i, "place": place, **json.loads(lines.strip().splitlines()[-1])}
+            line["loadavg"] = bench.loadavg()
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,17 @@ def scenario(cluster, nodes: list, name: str, workdir: str, shards: str) -> dict
     outcome["finished"] = not thread.is_alive()
     if "checkpoint" in outcome:
         outcome["final_step"] = read_state(outcome["checkpoint"])["step"]
-    with open(f"{run}/metrics.jsonl") as f:
-        outcome["metrics"] = [json.loads(line) for line in f]
+    outcome["metrics"] = read_metrics(run)
     return outcome
+
+
+def read_metrics(run: str) -> list[dict]:
+    """The run's metrics.jsonl; none when the run ended before its first log line (the test
+    then reports the run's error instead of a missing file)."""
+    if not os.path.exists(f"{run}/metrics.jsonl"):
+        return []
+    with open(f"{run}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def main(workdir: str, shards: str, names: list[str]) -> None:
@@ -117,7 +125,10 @@ def main(workdir: str, shards: str, names: list[str]) -> None:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level=logging.WARNING)
         for name in names:
-            result[name] = scenario(cluster, nodes, name, workdir, shards)
+            try:
+                result[name] = scenario(cluster, nodes, name, workdir, shards)
+            except Exception as e:  # noqa: BLE001 - the test names the scenario and the error
+                result[name] = {"finished": False, "error": f"{type(e).__name__}: {e}"}
     finally:
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
