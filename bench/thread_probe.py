@@ -5,14 +5,16 @@ of a Ray worker actor; (a) and (b) of bench/train.py run it in the bench's main 
     .venv/bin/python bench/thread_probe.py kl-f8-small bf16 thread
     .venv/bin/python bench/thread_probe.py kl-f8-small bf16 actor          # a 1-CPU Ray actor
     .venv/bin/python bench/thread_probe.py kl-f8-small bf16 actor-thread   # ... in a thread of it
-    .venv/bin/python bench/thread_probe.py kl-f8-small bf16 main,actor --repeat 3
+    .venv/bin/python bench/thread_probe.py kl-f8-small bf16 beside-ray     # main, Ray idle beside
+    .venv/bin/python bench/thread_probe.py kl-f8-small bf16 main,actor-thread --repeat 3
 
 The loop is bench/train.py's (a), `plain_loop`, on the same (random) batches, one torch thread.
-Each place runs in a fresh process (`actor`: its own embedded Ray, `ray.init(address="local", num_cpus=2)`, an actor of
-1 CPU, as Ray Train places a worker); with several places and `--repeat`, they alternate, so a
-VM's drifting per-core speed falls on all of them alike. Prints one JSON line per run: steady
-images/s, CPU per image of the whole loop (user, sys), minor page faults per image, and what the
-process runs with (torch threads, OMP_NUM_THREADS, nice, CPU affinity, LD_PRELOAD).
+Each place runs in a fresh process (`actor`: its own embedded Ray, `ray.init(address="local",
+num_cpus=2)`, and an actor of 1 CPU, as Ray Train places a worker); with several places and
+`--repeat`, they alternate, so a VM's drifting per-core speed falls on all of them alike. Prints
+one JSON line per run: steady images/s and, over the same steps, the process's CPU (user, sys)
+and minor page faults per image, and what the process runs with (torch threads,
+OMP_NUM_THREADS, nice, CPU affinity, LD_PRELOAD, threads).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -31,26 +32,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train as bench  # noqa: E402  (bench/train.py)
 
-PLACES = ("main", "thread", "actor", "actor-thread")
+PLACES = ("main", "thread", "actor", "actor-thread", "beside-ray", "thread-beside-ray")
 
 
 def measure(name: str, precision: str, steps: int, threads: int) -> dict:
-    """bench/train.py's plain loop (a) with the process's own rusage around it."""
+    """bench/train.py's plain loop (a): steady images/s, CPU and page faults per image."""
     full = bench.MODES["full"][name]
     sizes = bench.Sizes(full.batch_size, steps, 2, 0)
     cfg = bench.run_config(name, sizes, "unused", Path("/tmp/latentpipe-thread-probe"))
     res = bench.WORKLOADS[name].resolution
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(sizes.batch_size, 3, res, res, generator=g) * 2 - 1 for _ in range(steps)]
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
     figures, _ = bench.plain_loop(cfg, batches, precision, sizes, threads)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    n = steps * sizes.batch_size
     return {
         "img_s": figures["steady_images_per_s"],
-        "user_ms_per_img": round((r1.ru_utime - r0.ru_utime) / n * 1e3, 1),
-        "sys_ms_per_img": round((r1.ru_stime - r0.ru_stime) / n * 1e3, 1),
-        "minor_faults_per_img": round((r1.ru_minflt - r0.ru_minflt) / n),
+        **{f"{k}_per_img": v for k, v in figures["rusage"].items()},  # the steady window
         "loss_last": figures["loss_last"],
         "process": process_facts(),
     }
@@ -75,7 +71,10 @@ def in_thread(fn, *args) -> dict:
     return out
 
 
-def in_actor(in_a_thread: bool, *args) -> dict:
+def with_ray(place: str, *args) -> dict:
+    """In a 1-CPU actor (`actor`, `actor-thread`), or in this process beside an idle Ray
+    cluster (`beside-ray`, `thread-beside-ray`: what Ray's own processes cost a loop that is
+    not in Ray)."""
     import ray
 
     # Ray's workers inherit this process's environment: let them import bench/train.py too
@@ -83,12 +82,15 @@ def in_actor(in_a_thread: bool, *args) -> dict:
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    threaded = place.startswith("thread") or place.endswith("thread")
     try:
+        if place.endswith("beside-ray"):
+            return in_thread(measure, *args) if threaded else measure(*args)
 
         @ray.remote(num_cpus=1)
         class Probe:
             def run(self) -> dict:
-                return in_thread(measure, *args) if in_a_thread else measure(*args)
+                return in_thread(measure, *args) if threaded else measure(*args)
 
         return ray.get(Probe.remote().run.remote())
     finally:
@@ -100,7 +102,7 @@ def run_here(place: str, *args) -> dict:
         return measure(*args)
     if place == "thread":
         return in_thread(measure, *args)
-    return in_actor(place == "actor-thread", *args)
+    return with_ray(place, *args)
 
 
 def main() -> None:

@@ -391,16 +391,27 @@ def plain_loop(cfg: TrainRunConfig, batches: list, precision: str, sizes: Sizes,
     model = build_model(cfg.model)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     step = step_fn(cfg, precision)
-    marks, snaps, terms = {}, [], {}
+    marks, snaps, usage, terms = {}, [], [], {}
     for i, x in enumerate(batches[: sizes.steps], start=1):
         terms = step(model, x, optimizer, i - 1)
         marks[i] = now()
         if i in (sizes.log_every, sizes.steps):
             snaps.append(Snapshot.take())
+            usage.append(resource.getrusage(resource.RUSAGE_SELF))
     figures = steady(marks, t0, now(), sizes, 1)
     figures["cpu"] = cpu_window(*snaps, os.getpid())
+    figures["rusage"] = usage_per_image(*usage, figures["steady_images"])
     figures["loss_last"] = round(float(terms["loss"]), 5)
     return figures | {"loadavg": loadavg()}, terms
+
+
+def usage_per_image(a, b, images: int) -> dict:
+    """This process's CPU (user, sys) and minor page faults per image between two rusages."""
+    return {
+        "user_ms": round((b.ru_utime - a.ru_utime) / images * 1e3, 1),
+        "sys_ms": round((b.ru_stime - a.ru_stime) / images * 1e3, 1),
+        "minor_faults": round((b.ru_minflt - a.ru_minflt) / images),
+    }
 
 
 # -- (d) plain DDP ----------------------------------------------------------------------------
