@@ -172,6 +172,11 @@ def _check_scaling(t: TrainConfig) -> None:
         raise ValueError(f"train.base_world_size={t.base_world_size}: expected >= 0")
     if t.upload_attempts < 1 or t.upload_backoff_s < 0:
         raise ValueError("train.upload_attempts must be >= 1 and train.upload_backoff_s >= 0")
+    if not t.resource_wait_s > 0:  # Ray would time out every start at once, for ever
+        raise ValueError(
+            f"train.resource_wait_s={t.resource_wait_s}: expected seconds > 0 (how long a "
+            "worker-group start waits for room in the cluster before it tries again)"
+        )
 
 
 def _scale_for_world_size(cfg: TrainRunConfig, ctx: WorkerContext, optimizer, extra) -> dict:

@@ -90,6 +90,8 @@ def test_lr_factor(mode, world, base, expected):
         ("train.min_workers=-1", "train.min_workers"),
         ("train.base_world_size=-2", "train.base_world_size"),
         ("train.upload_attempts=0", "train.upload_attempts"),
+        ("train.resource_wait_s=0", "train.resource_wait_s"),
+        ("train.resource_wait_s=-5", "train.resource_wait_s"),
     ],
 )
 def test_bad_scaling_settings_are_refused_naming_the_key(override, key):
