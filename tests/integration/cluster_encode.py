@@ -24,7 +24,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-# Node death is noticed after ~2 s instead of Ray's default ~15 s.
 # A killed node is seen as dead in ~5 s (Ray's default: ~15-25 s). Not fewer missed checks or a
 # shorter timeout: on a loaded 2-core machine a live raylet can miss two 1-s checks in a row
 # and would be declared dead, failing a run that had nothing wrong with it.
