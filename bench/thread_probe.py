@@ -71,6 +71,11 @@ def in_thread(fn, *args) -> dict:
     return out
 
 
+def loop_in(place: str, *args) -> dict:
+    """The loop in this thread, or in a new thread of this process for the `*thread*` places."""
+    return in_thread(measure, *args) if "thread" in place.split("-") else measure(*args)
+
+
 def with_ray(place: str, *args) -> dict:
     """In a 1-CPU actor (`actor`, `actor-thread`), or in this process beside an idle Ray
     cluster (`beside-ray`, `thread-beside-ray`: what Ray's own processes cost a loop that is
@@ -82,15 +87,14 @@ def with_ray(place: str, *args) -> dict:
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    threaded = place.startswith("thread") or place.endswith("thread")
     try:
-        if place.endswith("beside-ray"):
-            return in_thread(measure, *args) if threaded else measure(*args)
+        if not place.startswith("actor"):
+            return loop_in(place, *args)
 
         @ray.remote(num_cpus=1)
         class Probe:
             def run(self) -> dict:
-                return in_thread(measure, *args) if threaded else measure(*args)
+                return loop_in(place, *args)
 
         return ray.get(Probe.remote().run.remote())
     finally:
@@ -98,10 +102,8 @@ def with_ray(place: str, *args) -> dict:
 
 
 def run_here(place: str, *args) -> dict:
-    if place == "main":
-        return measure(*args)
-    if place == "thread":
-        return in_thread(measure, *args)
+    if place in ("main", "thread"):
+        return loop_in(place, *args)
     return with_ray(place, *args)
 
 
