@@ -89,8 +89,15 @@ def build_dataset(job: Job, units: list[int]):
     ds.context.enable_progress_bars = False  # our own progress lines replace Ray's bars
     ds.context.execution_options.preserve_order = False  # no head-of-line blocking
     if cfg.stall_timeout_s:
-        ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s
+        # Ray Data's own no-progress guard only backs up our watchdog (`_watch`), later: at
+        # the same timeout the two raced, and when Ray Data's fired first the pass ended as a
+        # cluster failure and the next pass met an empty cluster instead of the stall error
+        # that says what the job waits for.
+        ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s + RAY_DATA_GUARD_MARGIN_S
     return ds
+
+
+RAY_DATA_GUARD_MARGIN_S = 30.0
 
 
 def pool_bounds(
